@@ -1,0 +1,28 @@
+# The two commands a user needs: `make demo` and `make test`. Both install first, idempotently.
+PYTHON ?= python3
+# One stamp per Python environment, so switching venvs re-installs there.
+ENV_ID := $(shell $(PYTHON) -c "import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:12])")
+STAMP := .stamps/install-$(ENV_ID)
+SOURCES := setup.py pyproject.toml Makefile $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	$(PYTHON) -m pip install --quiet "setuptools>=64" wheel torch triton numpy tqdm pytest matplotlib
+	$(PYTHON) -m pip install --quiet --no-build-isolation -e .
+	$(PYTHON) -c "import maskprune._C"
+	@mkdir -p .stamps && touch $@
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+demo: install
+	$(PYTHON) -m maskprune demo
+
+bench: install
+	$(PYTHON) scripts/bench_cpu.py
+
+clean:
+	rm -rf build .stamps maskprune/_C*.so *.egg-info

@@ -1,0 +1,80 @@
+// Input checks and numeric helpers shared by the CPU and CUDA implementations.
+#pragma once
+#include <ATen/ATen.h>
+#include <cmath>
+#include <cstdint>
+
+namespace maskprune {
+
+#if defined(__CUDACC__)
+#define MP_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MP_HOST_DEVICE inline
+#endif
+
+// Number of kept entries for a density k in (0, 1]: rounded so float error in k*n never flips a weight.
+inline int64_t n_keep_for(double density, int64_t n) {
+  TORCH_CHECK_VALUE(std::isfinite(density) && density > 0.0 && density <= 1.0,
+                    "density must be in (0, 1], got ", density);
+  TORCH_CHECK_VALUE(n > 0, "scores must have at least one element");
+  int64_t keep = static_cast<int64_t>(std::floor(density * static_cast<double>(n) + 0.5));
+  return std::min(std::max<int64_t>(keep, 1), n);
+}
+
+inline void check_scores(const at::Tensor& scores, const char* name = "scores") {
+  TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
+                   name, " must be float32 or float64, got ", scores.scalar_type());
+}
+
+inline void check_float(const at::Tensor& t, const char* name) {
+  auto s = t.scalar_type();
+  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16,
+                   name, " must be a floating tensor (float16, bfloat16, float32, float64), got ", s);
+}
+
+inline void check_same_device(const at::Tensor& a, const char* na, const at::Tensor& b, const char* nb) {
+  TORCH_CHECK_VALUE(a.device() == b.device(), na, " and ", nb, " must be on the same device, got ",
+                    a.device(), " and ", b.device());
+}
+
+inline void check_mask_args(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& t) {
+  check_float(weight, "weight");
+  check_scores(scores);
+  TORCH_CHECK_VALUE(weight.sizes() == scores.sizes(), "scores must have the weight's shape ",
+                    weight.sizes(), ", got ", scores.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 0, "t must be a 0-d tensor, got shape ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == scores.scalar_type(), "t must have the scores' dtype ",
+                   scores.scalar_type(), ", got ", t.scalar_type());
+  check_same_device(weight, "weight", scores, "scores");
+  check_same_device(t, "t", scores, "scores");
+}
+
+// Order-preserving map from a float's bits to an unsigned integer key: a > b  <=>  key(a) > key(b).
+template <typename scalar_t> struct KeyBits;
+template <> struct KeyBits<float> {
+  using type = uint32_t;
+  static constexpr int bits = 32;
+  static constexpr type sign = 0x80000000u;
+  static constexpr type exponent = 0x7F800000u;
+};
+template <> struct KeyBits<double> {
+  using type = uint64_t;
+  static constexpr int bits = 64;
+  static constexpr type sign = 0x8000000000000000ull;
+  static constexpr type exponent = 0x7FF0000000000000ull;
+};
+
+// |x| keys keep the bit pattern with the sign cleared; signed keys flip negatives so they order too.
+template <typename U, U kSign>
+MP_HOST_DEVICE U encode_key(U raw, bool abs_scores) {
+  if (abs_scores) return raw & ~kSign;
+  return (raw & kSign) ? ~raw : (raw | kSign);
+}
+
+template <typename U, U kSign>
+MP_HOST_DEVICE U decode_key(U key, bool abs_scores) {
+  if (abs_scores) return key;
+  return (key & kSign) ? (key & ~kSign) : ~key;
+}
+
+}  // namespace maskprune

@@ -1,0 +1,204 @@
+// CPU kernels: radix-select threshold, the fused mask pass and the fused score-gradient pass.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../checks.h"
+
+namespace maskprune {
+namespace {
+
+constexpr int kRadixBits = 16;
+constexpr int64_t kBins = int64_t{1} << kRadixBits;
+constexpr int64_t kGrain = 1 << 15;
+
+template <typename scalar_t>
+using key_t = typename KeyBits<scalar_t>::type;
+
+template <typename scalar_t>
+inline key_t<scalar_t> key_of(scalar_t v, bool abs_scores) {
+  using K = KeyBits<scalar_t>;
+  typename K::type raw;
+  std::memcpy(&raw, &v, sizeof(raw));
+  return encode_key<typename K::type, K::sign>(raw, abs_scores);
+}
+
+template <typename scalar_t>
+inline bool is_finite_bits(scalar_t v) {
+  using K = KeyBits<scalar_t>;
+  typename K::type raw;
+  std::memcpy(&raw, &v, sizeof(raw));
+  return (raw & K::exponent) != K::exponent;
+}
+
+// The n_keep-th largest key over several contiguous arrays: one histogram pass over the top
+// kRadixBits of every key, then an O(m) nth_element over the m keys that share the chosen prefix.
+template <typename scalar_t>
+scalar_t select_threshold(const std::vector<at::Tensor>& tensors, int64_t n_keep, bool abs_scores) {
+  using K = KeyBits<scalar_t>;
+  using U = typename K::type;
+  constexpr int shift = K::bits - kRadixBits;
+  const int threads = at::get_num_threads();
+
+  // Pass 1: per-thread histograms of the key prefix; non-finite values are counted, not ranked.
+  std::vector<int64_t> hist(static_cast<size_t>(threads) * kBins, 0);
+  std::vector<int64_t> nonfinite(threads, 0);
+  for (const auto& t : tensors) {
+    const scalar_t* data = t.data_ptr<scalar_t>();
+    at::parallel_for(0, t.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      const int tid = at::get_thread_num();
+      int64_t* h = hist.data() + static_cast<size_t>(tid) * kBins;
+      int64_t bad = 0;
+      for (int64_t i = begin; i < end; ++i) {
+        bad += !is_finite_bits(data[i]);
+        h[key_of(data[i], abs_scores) >> shift] += 1;
+      }
+      nonfinite[tid] += bad;
+    });
+  }
+  int64_t bad = 0;
+  for (int64_t b : nonfinite) bad += b;
+  TORCH_CHECK_VALUE(bad == 0, "scores must be finite, found ", bad, " NaN or inf value(s)");
+
+  // Walk the merged histogram from the top to the bin that holds the n_keep-th largest key.
+  int64_t above = 0, bin = kBins - 1;
+  for (; bin >= 0; --bin) {
+    int64_t count = 0;
+    for (int tid = 0; tid < threads; ++tid) count += hist[static_cast<size_t>(tid) * kBins + bin];
+    if (above + count >= n_keep) break;
+    above += count;
+  }
+  TORCH_INTERNAL_ASSERT(bin >= 0, "radix select ran out of bins");
+  const U prefix = static_cast<U>(bin);
+
+  // Pass 2: gather the keys of that bin (per-thread buffers) and select within them.
+  std::vector<std::vector<U>> gathered(threads);
+  for (const auto& t : tensors) {
+    const scalar_t* data = t.data_ptr<scalar_t>();
+    at::parallel_for(0, t.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      auto& out = gathered[at::get_thread_num()];
+      for (int64_t i = begin; i < end; ++i) {
+        const U key = key_of(data[i], abs_scores);
+        if ((key >> shift) == prefix) out.push_back(key);
+      }
+    });
+  }
+  std::vector<U> candidates;
+  for (auto& g : gathered) candidates.insert(candidates.end(), g.begin(), g.end());
+  const int64_t rank = n_keep - above;  // 1-based rank of the answer among the candidates, largest first
+  TORCH_INTERNAL_ASSERT(rank >= 1 && rank <= static_cast<int64_t>(candidates.size()));
+  auto nth = candidates.begin() + (rank - 1);
+  std::nth_element(candidates.begin(), nth, candidates.end(), std::greater<U>());
+
+  const U raw = decode_key<U, K::sign>(*nth, abs_scores);
+  scalar_t value;
+  std::memcpy(&value, &raw, sizeof(value));
+  return value;
+}
+
+at::Tensor threshold_of(const std::vector<at::Tensor>& scores, double density, bool abs_scores) {
+  TORCH_CHECK_VALUE(!scores.empty(), "scores must hold at least one tensor");
+  const auto dtype = scores[0].scalar_type();
+  std::vector<at::Tensor> contiguous;
+  int64_t n = 0;
+  for (size_t i = 0; i < scores.size(); ++i) {
+    check_scores(scores[i]);
+    TORCH_CHECK_TYPE(scores[i].scalar_type() == dtype, "scores must share one dtype, got ", dtype,
+                     " and ", scores[i].scalar_type(), " (tensor ", i, ")");
+    TORCH_CHECK_VALUE(scores[i].device().is_cpu(), "scores must be CPU tensors here, tensor ", i,
+                      " is on ", scores[i].device());
+    contiguous.push_back(scores[i].contiguous());
+    n += scores[i].numel();
+  }
+  const int64_t n_keep = n_keep_for(density, n);
+  return AT_DISPATCH_FLOATING_TYPES(dtype, "maskprune_threshold", [&] {
+    return at::scalar_tensor(select_threshold<scalar_t>(contiguous, n_keep, abs_scores),
+                             at::TensorOptions().dtype(dtype));
+  });
+}
+
+at::Tensor threshold_cpu(const at::Tensor& scores, double density, bool abs_scores) {
+  return threshold_of({scores}, density, abs_scores);
+}
+
+at::Tensor global_threshold_cpu(at::TensorList scores, double density, bool abs_scores) {
+  return threshold_of(scores.vec(), density, abs_scores);
+}
+
+at::Tensor apply_mask_cpu(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& t,
+                          bool abs_scores, std::optional<at::ScalarType> dtype) {
+  check_mask_args(weight, scores, t);
+  const auto out_dtype = dtype.value_or(weight.scalar_type());
+  auto w = weight.contiguous();
+  auto s = scores.contiguous();
+  auto out = at::empty(weight.sizes(), weight.options().dtype(out_dtype));
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "maskprune_apply_mask_scores", [&] {
+    using score_t = scalar_t;
+    const score_t thr = t.item<score_t>();
+    const score_t* sp = s.data_ptr<score_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "maskprune_apply_mask_w", [&] {
+      using weight_t = scalar_t;
+      const weight_t* wp = w.data_ptr<weight_t>();
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "maskprune_apply_mask_out", [&] {
+        scalar_t* op = out.data_ptr<scalar_t>();
+        at::parallel_for(0, w.numel(), kGrain, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            const score_t key = abs_scores ? std::abs(sp[i]) : sp[i];
+            op[i] = key >= thr ? static_cast<scalar_t>(wp[i]) : static_cast<scalar_t>(0);
+          }
+        });
+      });
+    });
+  });
+  return out;
+}
+
+at::Tensor score_grad_cpu(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& scores,
+                          bool abs_scores) {
+  check_float(grad_weight, "grad_weight");
+  check_float(weight, "weight");
+  check_scores(scores);
+  TORCH_CHECK_VALUE(weight.sizes() == scores.sizes() && grad_weight.sizes() == scores.sizes(),
+                    "grad_weight, weight and scores must share one shape, got ", grad_weight.sizes(), ", ",
+                    weight.sizes(), " and ", scores.sizes());
+  auto g = grad_weight.contiguous();
+  auto w = weight.contiguous();
+  auto s = scores.contiguous();
+  auto out = at::empty_like(s);
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "maskprune_score_grad", [&] {
+    using score_t = scalar_t;
+    const score_t* sp = s.data_ptr<score_t>();
+    score_t* op = out.data_ptr<score_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "maskprune_score_grad_w", [&] {
+      using weight_t = scalar_t;
+      const weight_t* wp = w.data_ptr<weight_t>();
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "maskprune_score_grad_g", [&] {
+        const scalar_t* gp = g.data_ptr<scalar_t>();
+        at::parallel_for(0, s.numel(), kGrain, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            score_t v = static_cast<score_t>(wp[i]) * static_cast<score_t>(gp[i]);
+            if (abs_scores) v = sp[i] > 0 ? v : (sp[i] < 0 ? -v : score_t(0));
+            op[i] = v;
+          }
+        });
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(maskprune, CPU, m) {
+  m.impl("threshold", &threshold_cpu);
+  m.impl("global_threshold", &global_threshold_cpu);
+  m.impl("apply_mask", &apply_mask_cpu);
+  m.impl("score_grad", &score_grad_cpu);
+}
+
+}  // namespace maskprune

@@ -1,0 +1,85 @@
+// masked_linear and its backward as device-generic composites: the fused mask pass (apply_mask)
+// feeds the platform GEMM (MKL/oneDNN on CPU, cuBLAS on CUDA), and the weight-gradient GEMM feeds
+// the fused score-gradient pass. A backend with fully fused GEMMs overrides these per device.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace maskprune {
+namespace {
+
+at::Tensor call_apply_mask(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& t,
+                           bool abs_scores, at::ScalarType dtype) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("maskprune::apply_mask", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
+                                         std::optional<at::ScalarType>)>();
+  return op.call(weight, scores, t, abs_scores, dtype);
+}
+
+at::Tensor call_score_grad(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& scores,
+                           bool abs_scores) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("maskprune::score_grad", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
+  return op.call(grad_weight, weight, scores, abs_scores);
+}
+
+void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores,
+                       const at::Tensor& t) {
+  check_mask_args(weight, scores, t);
+  check_float(x, "x");
+  check_same_device(x, "x", weight, "weight");
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (out_features, in_features), got shape ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == weight.size(1), "x's last dimension must equal in_features=",
+                    weight.size(1), ", got shape ", x.sizes());
+}
+
+at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores,
+                         const at::Tensor& t, const std::optional<at::Tensor>& bias, bool abs_scores) {
+  check_linear_args(x, weight, scores, t);
+  std::optional<at::Tensor> b;
+  if (bias.has_value() && bias->defined()) {
+    check_same_device(*bias, "bias", weight, "weight");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0),
+                      "bias must have shape (out_features=", weight.size(0), ",), got ", bias->sizes());
+    b = bias->to(x.scalar_type());
+  }
+  const auto w_eff = call_apply_mask(weight, scores, t, abs_scores, x.scalar_type());
+  return at::linear(x, w_eff, b);
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                          const at::Tensor& weight, const at::Tensor& scores,
+                                                          const at::Tensor& t, bool abs_scores,
+                                                          bool need_grad_x, bool need_grad_scores) {
+  check_linear_args(x, weight, scores, t);
+  check_same_device(grad_out, "grad_out", x, "x");
+  const int64_t out_features = weight.size(0), in_features = weight.size(1);
+  TORCH_CHECK_VALUE(grad_out.dim() == x.dim() && grad_out.size(-1) == out_features,
+                    "grad_out must have shape (..., out_features=", out_features, "), got ", grad_out.sizes());
+  at::Tensor grad_x = at::empty({0}, x.options());
+  at::Tensor grad_scores = at::empty({0}, scores.options());
+  const auto g = grad_out.to(x.scalar_type());
+  if (need_grad_x) {
+    grad_x = at::matmul(g, call_apply_mask(weight, scores, t, abs_scores, x.scalar_type()));
+  }
+  if (need_grad_scores) {
+    const auto g2d = g.reshape({-1, out_features});
+    const auto x2d = x.reshape({-1, in_features});
+    grad_scores = call_score_grad(at::mm(g2d.t(), x2d), weight, scores, abs_scores);
+  }
+  return {grad_x, grad_scores};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(maskprune, CompositeExplicitAutograd, m) {
+  m.impl("masked_linear", &masked_linear);
+  m.impl("masked_linear_backward", &masked_linear_backward);
+}
+
+}  // namespace maskprune

@@ -1,0 +1,29 @@
+// The schema of every maskprune op, in one place. Implementations register against it from
+// cpu/ (CPU kernels), cuda/ (CUDA kernels) and masked_linear.cpp (device-generic composites).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import maskprune._C` loads this library, whose static initialisers register the ops below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(maskprune, m) {
+  // t: the n_keep-th largest key (|S|, or S when abs_scores=False), n_keep = clamp(floor(density*n + 1/2), 1, n).
+  m.def("threshold(Tensor scores, float density, bool abs_scores) -> Tensor");
+  // One t over all tensors together (global top-k), without concatenating them.
+  m.def("global_threshold(Tensor[] scores, float density, bool abs_scores) -> Tensor");
+  // W * 1[key >= t], cast to `dtype` (default: the weight's) in the same pass.
+  m.def("apply_mask(Tensor weight, Tensor scores, Tensor t, bool abs_scores, ScalarType? dtype=None) -> Tensor");
+  // Straight-through score gradient: sign(S) * W * grad_weight (W * grad_weight if not abs_scores), in S's dtype.
+  m.def("score_grad(Tensor grad_weight, Tensor weight, Tensor scores, bool abs_scores) -> Tensor");
+  // Y = X (W * M)^T (+ b) over x of shape (..., in_features), computed in x's dtype.
+  m.def("masked_linear(Tensor x, Tensor weight, Tensor scores, Tensor t, Tensor? bias, bool abs_scores) -> Tensor");
+  // (dX, dS) of masked_linear; an output that is not needed comes back as an empty tensor.
+  m.def(
+      "masked_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor scores, Tensor t, "
+      "bool abs_scores, bool need_grad_x, bool need_grad_scores) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,74 @@
+"""Mask policies: which threshold a masked layer uses.
+
+`LayerwiseTopK` keeps the top `density` fraction of each layer (edge-popup); `GlobalTopK` keeps
+the top fraction of all its layers' scores together. Both cache the threshold against the scores'
+version counters, so it is computed once per optimizer step, not on every forward pass.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import ops
+
+
+def _cache_key(scores_list: Sequence[torch.Tensor], density: float, abs_scores: bool) -> tuple:
+    return (density, abs_scores, tuple((s.data_ptr(), s.device, s._version) for s in scores_list))
+
+
+class MaskPolicy:
+    """Maps a masked layer to its current threshold."""
+
+    name = "base"
+
+    def threshold(self, layer) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LayerwiseTopK(MaskPolicy):
+    """Each layer keeps the top `layer.density` fraction of its own scores."""
+
+    name = "layerwise"
+
+    def threshold(self, layer) -> torch.Tensor:
+        compute = lambda: ops.threshold(layer.scores, layer.density, abs_scores=layer.abs_scores,
+                                        backend=layer.backend)
+        if torch.compiler.is_compiling():
+            return compute()
+        key = _cache_key([layer.scores], layer.density, layer.abs_scores)
+        cached = layer.__dict__.get("_threshold_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, compute())
+            layer.__dict__["_threshold_cache"] = cached
+        return cached[1]
+
+
+class GlobalTopK(MaskPolicy):
+    """All `layers` together keep the top `density` fraction of their scores (one shared threshold)."""
+
+    name = "global"
+
+    def __init__(self, layers: Sequence, density: float, *, abs_scores: bool = True, backend: str = "auto"):
+        if not layers:
+            raise ValueError("GlobalTopK needs at least one masked layer")
+        self.layers = list(layers)
+        self.density = ops.check_density(density)
+        self.abs_scores = abs_scores
+        self.backend = backend
+        self._cache = None
+
+    def threshold(self, layer=None) -> torch.Tensor:
+        scores = [l.scores for l in self.layers]
+        compute = lambda: ops.global_threshold(scores, self.density, abs_scores=self.abs_scores,
+                                               backend=self.backend)
+        if torch.compiler.is_compiling():
+            return compute()
+        key = _cache_key(scores, self.density, self.abs_scores)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, compute())
+        return self._cache[1]
+
+
+LAYERWISE = LayerwiseTopK()
+POLICIES = ("layerwise", "global")

@@ -1,0 +1,111 @@
+"""MaskedLinear and MaskedConv2d: a frozen random weight, float32 scores, and a top-k mask over them."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .. import masks, ops
+from .init import SCORE_INITS, WEIGHT_INITS, init_scores, init_weight
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a linear layer in, or None when autocast is off."""
+    device_type = x.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+class MaskedLayer:
+    """What MaskedLinear and MaskedConv2d share: settings, scores, threshold, mask."""
+
+    weight: nn.Parameter
+    scores: nn.Parameter
+
+    def _setup_masking(self, *, density: float, weight_init: str | None, score_init: str, scale_fan: bool,
+                       abs_scores: bool, backend: str) -> None:
+        self.density = ops.check_density(density)
+        if weight_init is not None and weight_init not in WEIGHT_INITS:
+            raise ValueError(f"weight_init must be one of {WEIGHT_INITS} (or None to keep the weights), "
+                             f"got {weight_init!r}")
+        if score_init not in SCORE_INITS:
+            raise ValueError(f"score_init must be one of {SCORE_INITS}, got {score_init!r}")
+        ops.check_backend_name(backend)
+        self.abs_scores = bool(abs_scores)
+        self.backend = backend
+        self.weight_init, self.score_init, self.scale_fan = weight_init, score_init, bool(scale_fan)
+        self.mask_policy: masks.MaskPolicy = masks.LAYERWISE
+        self.weight.requires_grad_(False)
+        if weight_init is not None:
+            init_weight(self.weight, weight_init, density=self.density, scale_fan=scale_fan)
+        self.scores = nn.Parameter(torch.empty(self.weight.shape, dtype=torch.float32, device=self.weight.device))
+        init_scores(self.scores, score_init)
+
+    def threshold(self) -> torch.Tensor:
+        """The current threshold t (cached until the scores change)."""
+        return self.mask_policy.threshold(self)
+
+    @torch.no_grad()
+    def mask(self) -> torch.Tensor:
+        """The boolean keep-mask M = 1[key >= t]."""
+        key = self.scores.abs() if self.abs_scores else self.scores
+        return key >= self.threshold()
+
+    @torch.no_grad()
+    def masked_weight(self) -> torch.Tensor:
+        """W ⊙ M, the weight of the found subnetwork."""
+        return ops.apply_mask(self.weight, self.scores, self.threshold(), abs_scores=self.abs_scores,
+                              backend=self.backend)
+
+    def _masking_repr(self) -> str:
+        return (f"density={self.density:g}, policy={self.mask_policy.name}, abs_scores={self.abs_scores}, "
+                f"backend={self.backend}")
+
+
+class MaskedLinear(nn.Linear, MaskedLayer):
+    """Y = X (W ⊙ M)^T (+ b): W frozen, only the scores (float32) learn which weights to keep."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, density: float = 0.5,
+                 weight_init: str | None = "signed_constant", score_init: str = "kaiming_uniform",
+                 scale_fan: bool = False, abs_scores: bool = True, backend: str = "auto",
+                 device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup_masking(density=density, weight_init=weight_init, score_init=score_init,
+                            scale_fan=scale_fan, abs_scores=abs_scores, backend=backend)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _autocast_dtype(x)
+        if dtype is not None:
+            x = x.to(dtype)
+        return ops.masked_linear(x, self.weight, self.scores, self.threshold(), self.bias,
+                                 abs_scores=self.abs_scores, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._masking_repr()}"
+
+
+class MaskedConv2d(nn.Conv2d, MaskedLayer):
+    """conv2d with the effective weight W ⊙ M from one fused mask pass; the convolution stays in cuDNN/ATen."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = False, padding_mode: str = "zeros", *, density: float = 0.5,
+                 weight_init: str | None = "signed_constant", score_init: str = "kaiming_uniform",
+                 scale_fan: bool = False, abs_scores: bool = True, backend: str = "auto",
+                 device=None, dtype=None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
+                         device=device, dtype=dtype)
+        self._setup_masking(density=density, weight_init=weight_init, score_init=score_init,
+                            scale_fan=scale_fan, abs_scores=abs_scores, backend=backend)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = ops.apply_mask(self.weight, self.scores, self.threshold(), abs_scores=self.abs_scores,
+                                backend=self.backend)
+        return self._conv_forward(x, weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._masking_repr()}"

@@ -1,0 +1,314 @@
+"""The public mask ops: input checks, backend choice, torch.library registration and autograd.
+
+Every op validates its arguments here, once, before any kernel runs, then dispatches to a backend
+from ``BACKENDS``. A backend is a row of four functions; adding one (Triton) touches only that table.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from . import reference
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SCORE_DTYPES = (torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks: each names the argument and what is accepted.
+# --------------------------------------------------------------------------------------------
+
+def check_density(density: float, name: str = "density") -> float:
+    """A density is the fraction of weights kept: a real number in (0, 1]."""
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise TypeError(f"{name} must be a float in (0, 1], got {type(density).__name__}")
+    density = float(density)
+    if not (math.isfinite(density) and 0.0 < density <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {density}")
+    return density
+
+
+def _check_tensor(value, name: str, dtypes: Sequence[torch.dtype]) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in dtypes:
+        accepted = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({accepted}), got {str(value.dtype).replace('torch.', '')}")
+    return value
+
+
+def _check_same_device(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")
+
+
+def _check_finite(scores: torch.Tensor, name: str) -> None:
+    # A data-dependent check: skipped while torch.compile traces (the C++ CPU kernel checks anyway).
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"{name} must be finite, found NaN or inf")
+
+
+def _check_scores(scores, name: str = "scores") -> torch.Tensor:
+    _check_tensor(scores, name, SCORE_DTYPES)
+    if scores.numel() == 0:
+        raise ValueError(f"{name} must have at least one element")
+    return scores
+
+
+def _check_mask_args(weight, scores, t) -> torch.Tensor:
+    """Checks weight/scores/t and returns t as a 0-d tensor of the scores' dtype and device."""
+    _check_tensor(weight, "weight", FLOAT_DTYPES)
+    _check_scores(scores)
+    if weight.shape != scores.shape:
+        raise ValueError(f"scores must have the weight's shape {tuple(weight.shape)}, got {tuple(scores.shape)}")
+    _check_same_device("weight", weight, "scores", scores)
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        t = torch.tensor(float(t), dtype=scores.dtype, device=scores.device)
+    _check_tensor(t, "t", FLOAT_DTYPES)
+    if t.dim() != 0:
+        raise ValueError(f"t must be a 0-d tensor (a threshold), got shape {tuple(t.shape)}")
+    _check_same_device("t", t, "scores", scores)
+    return t.detach().to(scores.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the four ops, plus a test of whether it runs on a device."""
+
+    name: str
+    is_available: Callable[[torch.device], bool]
+    threshold: Callable[[torch.Tensor, float, bool], torch.Tensor]
+    global_threshold: Callable[[list, float, bool], torch.Tensor]
+    apply_mask: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
+    masked_linear: Callable[..., torch.Tensor]
+    checks_finite: bool = False  # True where the kernel itself rejects NaN/inf scores on that device
+
+
+BACKENDS: dict[str, Backend] = {}
+# The order "auto" tries, fastest first, per device type; the reference closes every list.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "cpp", "torch"), "cpu": ("cpp", "torch")}
+
+
+def register_backend(backend: Backend) -> None:
+    BACKENDS[backend.name] = backend
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backends that run on `device`, in the order "auto" tries them."""
+    device = torch.device(device)
+    order = AUTO_ORDER.get(device.type, ("torch",))
+    names = [n for n in order if n in BACKENDS] + [n for n in BACKENDS if n not in order]
+    return [n for n in names if BACKENDS[n].is_available(device)]
+
+
+def check_backend_name(backend: str) -> str:
+    """Rejects a backend name that is neither "auto" nor a registered backend."""
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        accepted = ", ".join(["auto", *BACKENDS])
+        raise ValueError(f"backend must be one of ({accepted}), got {backend!r}")
+    return backend
+
+
+def resolve_backend(backend: str, device: torch.device) -> Backend:
+    """The Backend for a name ("auto" = the first available in AUTO_ORDER) on a device."""
+    check_backend_name(backend)
+    if backend == "auto":
+        return BACKENDS[available_backends(device)[0]]
+    chosen = BACKENDS[backend]
+    if not chosen.is_available(device):
+        raise ValueError(f"backend {backend!r} is not available on {device}; available there: "
+                         f"{', '.join(available_backends(device))}")
+    return chosen
+
+
+register_backend(Backend(
+    name="torch",
+    is_available=lambda device: True,
+    threshold=reference.threshold,
+    global_threshold=reference.global_threshold,
+    apply_mask=reference.apply_mask,
+    masked_linear=reference.masked_linear,
+))
+
+
+# --------------------------------------------------------------------------------------------
+# The C++/CUDA extension: fake (meta) kernels and autograd for the ops whose schema is in csrc/ops.cpp
+# --------------------------------------------------------------------------------------------
+
+def _load_extension() -> bool:
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.maskprune.*)
+    except ImportError:
+        return False
+    return True
+
+
+HAS_CPP = _load_extension()
+
+
+def _cpp_available(device: torch.device) -> bool:
+    if not HAS_CPP:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("maskprune::threshold", key)
+
+
+if HAS_CPP:
+    _lib = "maskprune::"
+
+    @torch.library.register_fake(_lib + "threshold")
+    def _(scores, density, abs_scores):
+        return scores.new_empty(())
+
+    @torch.library.register_fake(_lib + "global_threshold")
+    def _(scores, density, abs_scores):
+        return scores[0].new_empty(())
+
+    @torch.library.register_fake(_lib + "apply_mask")
+    def _(weight, scores, t, abs_scores, dtype=None):
+        return weight.new_empty(weight.shape, dtype=dtype or weight.dtype)
+
+    @torch.library.register_fake(_lib + "score_grad")
+    def _(grad_weight, weight, scores, abs_scores):
+        return scores.new_empty(scores.shape)
+
+    @torch.library.register_fake(_lib + "masked_linear")
+    def _(x, weight, scores, t, bias, abs_scores):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake(_lib + "masked_linear_backward")
+    def _(grad_out, x, weight, scores, t, abs_scores, need_grad_x, need_grad_scores):
+        grad_x = x.new_empty(x.shape) if need_grad_x else x.new_empty((0,))
+        grad_scores = scores.new_empty(scores.shape) if need_grad_scores else scores.new_empty((0,))
+        return grad_x, grad_scores
+
+    def _apply_mask_setup(ctx, inputs, output):
+        weight, scores, t, abs_scores, *_ = inputs
+        ctx.save_for_backward(weight, scores)
+        ctx.abs_scores = abs_scores
+
+    def _apply_mask_backward(ctx, grad):
+        weight, scores = ctx.saved_tensors
+        grad_scores = None
+        if ctx.needs_input_grad[1]:
+            grad_scores = torch.ops.maskprune.score_grad(grad, weight, scores, ctx.abs_scores)
+        return None, grad_scores, None, None, None
+
+    torch.library.register_autograd(_lib + "apply_mask", _apply_mask_backward, setup_context=_apply_mask_setup)
+
+    def _masked_linear_setup(ctx, inputs, output):
+        x, weight, scores, t, bias, abs_scores = inputs
+        ctx.save_for_backward(x, weight, scores, t)
+        ctx.abs_scores = abs_scores
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    def _masked_linear_backward(ctx, grad):
+        x, weight, scores, t = ctx.saved_tensors
+        need_x, _, need_scores, _, need_bias, _ = ctx.needs_input_grad
+        grad_x, grad_scores = torch.ops.maskprune.masked_linear_backward(
+            grad, x, weight, scores, t, ctx.abs_scores, need_x, need_scores)
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype) if need_bias else None
+        return (grad_x if need_x else None, None, grad_scores if need_scores else None, None, grad_bias, None)
+
+    torch.library.register_autograd(_lib + "masked_linear", _masked_linear_backward,
+                                    setup_context=_masked_linear_setup)
+
+    register_backend(Backend(
+        name="cpp",
+        is_available=_cpp_available,
+        threshold=lambda s, d, a: torch.ops.maskprune.threshold(s, d, a),
+        global_threshold=lambda ss, d, a: torch.ops.maskprune.global_threshold(ss, d, a),
+        apply_mask=lambda w, s, t, a: torch.ops.maskprune.apply_mask(w, s, t, a),
+        masked_linear=lambda x, w, s, t, b, a: torch.ops.maskprune.masked_linear(x, w, s, t, b, a),
+        checks_finite=True,
+    ))
+
+
+def _register_triton() -> None:
+    """The Triton backend registers itself when triton imports (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    if os.environ.get("MASKPRUNE_NO_TRITON") == "1":
+        return
+    try:
+        from . import triton_ops  # noqa: F401
+    except ImportError:
+        return
+
+
+_register_triton()
+
+
+# --------------------------------------------------------------------------------------------
+# Public ops
+# --------------------------------------------------------------------------------------------
+
+def threshold(scores: torch.Tensor, density: float, *, abs_scores: bool = True,
+              backend: str = "auto") -> torch.Tensor:
+    """A 0-d tensor t such that exactly n_keep = clamp(floor(density·n + 1/2), 1, n) keys are >= t.
+
+    The key is |scores| (or scores when abs_scores=False); ties at t are all kept. t has the
+    scores' dtype (float32, or float64 for float64 scores) and carries no gradient.
+    """
+    _check_scores(scores)
+    density = check_density(density)
+    impl = resolve_backend(backend, scores.device)
+    if not (impl.checks_finite and scores.device.type == "cpu"):
+        _check_finite(scores, "scores")
+    return impl.threshold(scores.detach(), density, bool(abs_scores))
+
+
+def global_threshold(scores_list: Sequence[torch.Tensor], density: float, *, abs_scores: bool = True,
+                     backend: str = "auto") -> torch.Tensor:
+    """One threshold over several score tensors together (global top-k), without concatenating them."""
+    if isinstance(scores_list, torch.Tensor) or not isinstance(scores_list, (list, tuple)) or not scores_list:
+        raise TypeError("scores_list must be a non-empty list or tuple of score tensors")
+    for i, scores in enumerate(scores_list):
+        _check_scores(scores, f"scores_list[{i}]")
+        _check_same_device(f"scores_list[{i}]", scores, "scores_list[0]", scores_list[0])
+        if scores.dtype != scores_list[0].dtype:
+            raise TypeError(f"scores_list[{i}] must have the dtype of scores_list[0] ({scores_list[0].dtype}), "
+                            f"got {scores.dtype}")
+    density = check_density(density)
+    impl = resolve_backend(backend, scores_list[0].device)
+    if not (impl.checks_finite and scores_list[0].device.type == "cpu"):
+        for i, scores in enumerate(scores_list):
+            _check_finite(scores, f"scores_list[{i}]")
+    return impl.global_threshold([s.detach() for s in scores_list], density, bool(abs_scores))
+
+
+def apply_mask(weight: torch.Tensor, scores: torch.Tensor, t: torch.Tensor, *, abs_scores: bool = True,
+               backend: str = "auto") -> torch.Tensor:
+    """W ⊙ 1[key >= t], with the straight-through gradient dS = sign(S) ⊙ W ⊙ g (W ⊙ g for raw scores)."""
+    t = _check_mask_args(weight, scores, t)
+    return resolve_backend(backend, weight.device).apply_mask(weight, scores, t, bool(abs_scores))
+
+
+def masked_linear(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, t: torch.Tensor,
+                  bias: torch.Tensor | None = None, *, abs_scores: bool = True,
+                  backend: str = "auto") -> torch.Tensor:
+    """Y = X (W ⊙ M)^T (+ b) for x of shape (..., in_features), computed in x's dtype.
+
+    Gradients flow to x, scores and bias, never to weight. A weight of another float dtype than x
+    (e.g. float32 weights under bf16 autocast) is cast in the mask pass.
+    """
+    t = _check_mask_args(weight, scores, t)
+    _check_tensor(x, "x", FLOAT_DTYPES)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x's last dimension must equal in_features={weight.shape[1]}, got shape {tuple(x.shape)}")
+    _check_same_device("x", x, "weight", weight)
+    if bias is not None:
+        _check_tensor(bias, "bias", FLOAT_DTYPES)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},) (out_features), got {tuple(bias.shape)}")
+        _check_same_device("bias", bias, "weight", weight)
+    impl = resolve_backend(backend, x.device)
+    return impl.masked_linear(x, weight, scores, t, bias, bool(abs_scores))
