@@ -19,8 +19,16 @@ at::Tensor call_apply_mask(const at::Tensor& weight, const at::Tensor& scores, c
   return op.call(weight, scores, t, abs_scores, dtype);
 }
 
-at::Tensor call_score_grad(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& scores,
+// dS from a freshly computed weight gradient, written over it when the dtypes allow (one buffer less).
+at::Tensor call_score_grad(at::Tensor grad_weight, const at::Tensor& weight, const at::Tensor& scores,
                            bool abs_scores) {
+  if (grad_weight.scalar_type() == scores.scalar_type() && grad_weight.is_contiguous()) {
+    static auto inplace = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("maskprune::score_grad_", "")
+                              .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
+    inplace.call(grad_weight, weight, scores, abs_scores);
+    return grad_weight;
+  }
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("maskprune::score_grad", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
@@ -43,6 +51,7 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
   check_linear_args(x, weight, scores, t);
   std::optional<at::Tensor> b;
   if (bias.has_value() && bias->defined()) {
+    check_float(*bias, "bias");
     check_same_device(*bias, "bias", weight, "weight");
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0),
                       "bias must have shape (out_features=", weight.size(0), ",), got ", bias->sizes());

@@ -20,6 +20,8 @@ TORCH_LIBRARY(maskprune, m) {
   m.def("apply_mask(Tensor weight, Tensor scores, Tensor t, bool abs_scores, ScalarType? dtype=None) -> Tensor");
   // Straight-through score gradient: sign(S) * W * grad_weight (W * grad_weight if not abs_scores), in S's dtype.
   m.def("score_grad(Tensor grad_weight, Tensor weight, Tensor scores, bool abs_scores) -> Tensor");
+  // The same, written over grad_weight (which must have the scores' dtype and be contiguous).
+  m.def("score_grad_(Tensor(a!) grad_weight, Tensor weight, Tensor scores, bool abs_scores) -> ()");
   // Y = X (W * M)^T (+ b) over x of shape (..., in_features), computed in x's dtype.
   m.def("masked_linear(Tensor x, Tensor weight, Tensor scores, Tensor t, Tensor? bias, bool abs_scores) -> Tensor");
   // (dX, dS) of masked_linear; an output that is not needed comes back as an empty tensor.

@@ -140,6 +140,49 @@ register_backend(Backend(
 
 
 # --------------------------------------------------------------------------------------------
+# Autograd formulas shared by every op-level backend (cpp, triton): the straight-through estimator
+# --------------------------------------------------------------------------------------------
+
+def register_apply_mask_autograd(op, score_grad_op: Callable) -> None:
+    """Autograd of an apply_mask(weight, scores, t, abs_scores, ...) op: dS = score_grad_op(g, W, S)."""
+
+    def setup_context(ctx, inputs, output):
+        weight, scores, t, abs_scores, *_ = inputs
+        ctx.save_for_backward(weight, scores)
+        ctx.abs_scores = abs_scores
+
+    def backward(ctx, grad):
+        weight, scores = ctx.saved_tensors
+        grad_scores = score_grad_op(grad, weight, scores, ctx.abs_scores) if ctx.needs_input_grad[1] else None
+        return (None, grad_scores) + (None,) * (len(ctx.needs_input_grad) - 2)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+def register_masked_linear_autograd(op, backward_op: Callable) -> None:
+    """Autograd of a masked_linear(x, weight, scores, t, bias, abs_scores) op.
+
+    backward_op(grad, x, weight, scores, t, abs_scores, need_x, need_scores) -> (dX, dS); the bias
+    gradient is the sum of grad over the leading dimensions; the weight never gets one.
+    """
+
+    def setup_context(ctx, inputs, output):
+        x, weight, scores, t, bias, abs_scores = inputs
+        ctx.save_for_backward(x, weight, scores, t)
+        ctx.abs_scores = abs_scores
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    def backward(ctx, grad):
+        x, weight, scores, t = ctx.saved_tensors
+        need_x, _, need_scores, _, need_bias, _ = ctx.needs_input_grad
+        grad_x, grad_scores = backward_op(grad, x, weight, scores, t, ctx.abs_scores, need_x, need_scores)
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype) if need_bias else None
+        return grad_x if need_x else None, None, grad_scores if need_scores else None, None, grad_bias, None
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+# --------------------------------------------------------------------------------------------
 # The C++/CUDA extension: fake (meta) kernels and autograd for the ops whose schema is in csrc/ops.cpp
 # --------------------------------------------------------------------------------------------
 
@@ -154,11 +197,23 @@ def _load_extension() -> bool:
 HAS_CPP = _load_extension()
 
 
-def _cpp_available(device: torch.device) -> bool:
+def _cpp_device_types() -> frozenset[str]:
+    """Device types with compiled kernels in maskprune._C ("cpu", and "cuda" in a CUDA build).
+
+    Read once at import: torch.compile cannot trace the dispatcher query, but it can a constant set.
+    """
     if not HAS_CPP:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("maskprune::threshold", key)
+        return frozenset()
+    keys = {"cpu": "CPU", "cuda": "CUDA"}
+    return frozenset(d for d, key in keys.items()
+                     if torch._C._dispatch_has_kernel_for_dispatch_key("maskprune::threshold", key))
+
+
+CPP_DEVICE_TYPES = _cpp_device_types()
+
+
+def _cpp_available(device: torch.device) -> bool:
+    return device.type in CPP_DEVICE_TYPES
 
 
 if HAS_CPP:
@@ -180,6 +235,10 @@ if HAS_CPP:
     def _(grad_weight, weight, scores, abs_scores):
         return scores.new_empty(scores.shape)
 
+    @torch.library.register_fake(_lib + "score_grad_")
+    def _(grad_weight, weight, scores, abs_scores):
+        return None
+
     @torch.library.register_fake(_lib + "masked_linear")
     def _(x, weight, scores, t, bias, abs_scores):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
@@ -190,36 +249,8 @@ if HAS_CPP:
         grad_scores = scores.new_empty(scores.shape) if need_grad_scores else scores.new_empty((0,))
         return grad_x, grad_scores
 
-    def _apply_mask_setup(ctx, inputs, output):
-        weight, scores, t, abs_scores, *_ = inputs
-        ctx.save_for_backward(weight, scores)
-        ctx.abs_scores = abs_scores
-
-    def _apply_mask_backward(ctx, grad):
-        weight, scores = ctx.saved_tensors
-        grad_scores = None
-        if ctx.needs_input_grad[1]:
-            grad_scores = torch.ops.maskprune.score_grad(grad, weight, scores, ctx.abs_scores)
-        return None, grad_scores, None, None, None
-
-    torch.library.register_autograd(_lib + "apply_mask", _apply_mask_backward, setup_context=_apply_mask_setup)
-
-    def _masked_linear_setup(ctx, inputs, output):
-        x, weight, scores, t, bias, abs_scores = inputs
-        ctx.save_for_backward(x, weight, scores, t)
-        ctx.abs_scores = abs_scores
-        ctx.bias_dtype = None if bias is None else bias.dtype
-
-    def _masked_linear_backward(ctx, grad):
-        x, weight, scores, t = ctx.saved_tensors
-        need_x, _, need_scores, _, need_bias, _ = ctx.needs_input_grad
-        grad_x, grad_scores = torch.ops.maskprune.masked_linear_backward(
-            grad, x, weight, scores, t, ctx.abs_scores, need_x, need_scores)
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype) if need_bias else None
-        return (grad_x if need_x else None, None, grad_scores if need_scores else None, None, grad_bias, None)
-
-    torch.library.register_autograd(_lib + "masked_linear", _masked_linear_backward,
-                                    setup_context=_masked_linear_setup)
+    register_apply_mask_autograd(_lib + "apply_mask", torch.ops.maskprune.score_grad)
+    register_masked_linear_autograd(_lib + "masked_linear", torch.ops.maskprune.masked_linear_backward)
 
     register_backend(Backend(
         name="cpp",

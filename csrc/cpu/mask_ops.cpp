@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -130,6 +131,34 @@ at::Tensor global_threshold_cpu(at::TensorList scores, double density, bool abs_
   return threshold_of(scores.vec(), density, abs_scores);
 }
 
+// The loops below are written branch-free over restrict pointers, one instantiation per
+// (dtype, abs_scores) pair, so that the compiler vectorises them: both passes are memory-bound.
+template <typename score_t, typename weight_t, typename out_t, bool kAbs>
+void mask_loop(const weight_t* __restrict__ w, const score_t* __restrict__ s, out_t* __restrict__ out,
+               score_t thr, int64_t begin, int64_t end) {
+  // Multiply in double when either side is double, so that kept float64 weights pass through exactly.
+  using acc_t = std::conditional_t<std::is_same_v<weight_t, double> || std::is_same_v<out_t, double>, double, float>;
+  for (int64_t i = begin; i < end; ++i) {
+    const score_t key = kAbs ? std::abs(s[i]) : s[i];
+    const acc_t keep = key >= thr ? acc_t(1) : acc_t(0);
+    out[i] = static_cast<out_t>(static_cast<acc_t>(w[i]) * keep);
+  }
+}
+
+template <typename score_t, typename weight_t, typename grad_t, bool kAbs>
+void score_grad_loop(const grad_t* __restrict__ g, const weight_t* __restrict__ w, const score_t* __restrict__ s,
+                     score_t* __restrict__ out, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const score_t v = static_cast<score_t>(w[i]) * static_cast<score_t>(g[i]);
+    if constexpr (kAbs) {
+      const score_t sign = (s[i] > score_t(0) ? score_t(1) : score_t(0)) - (s[i] < score_t(0) ? score_t(1) : score_t(0));
+      out[i] = sign * v;
+    } else {
+      out[i] = v;
+    }
+  }
+}
+
 at::Tensor apply_mask_cpu(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& t,
                           bool abs_scores, std::optional<at::ScalarType> dtype) {
   check_mask_args(weight, scores, t);
@@ -147,10 +176,8 @@ at::Tensor apply_mask_cpu(const at::Tensor& weight, const at::Tensor& scores, co
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "maskprune_apply_mask_out", [&] {
         scalar_t* op = out.data_ptr<scalar_t>();
         at::parallel_for(0, w.numel(), kGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            const score_t key = abs_scores ? std::abs(sp[i]) : sp[i];
-            op[i] = key >= thr ? static_cast<scalar_t>(wp[i]) : static_cast<scalar_t>(0);
-          }
+          if (abs_scores) mask_loop<score_t, weight_t, scalar_t, true>(wp, sp, op, thr, begin, end);
+          else mask_loop<score_t, weight_t, scalar_t, false>(wp, sp, op, thr, begin, end);
         });
       });
     });
@@ -158,18 +185,20 @@ at::Tensor apply_mask_cpu(const at::Tensor& weight, const at::Tensor& scores, co
   return out;
 }
 
-at::Tensor score_grad_cpu(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& scores,
-                          bool abs_scores) {
+void check_score_grad_args(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& scores) {
   check_float(grad_weight, "grad_weight");
   check_float(weight, "weight");
   check_scores(scores);
   TORCH_CHECK_VALUE(weight.sizes() == scores.sizes() && grad_weight.sizes() == scores.sizes(),
                     "grad_weight, weight and scores must share one shape, got ", grad_weight.sizes(), ", ",
                     weight.sizes(), " and ", scores.sizes());
-  auto g = grad_weight.contiguous();
-  auto w = weight.contiguous();
-  auto s = scores.contiguous();
-  auto out = at::empty_like(s);
+  check_same_device(grad_weight, "grad_weight", scores, "scores");
+  check_same_device(weight, "weight", scores, "scores");
+}
+
+// dS into `out` (scores' dtype, contiguous); `out` may alias grad_weight when their dtypes match.
+void score_grad_into(const at::Tensor& g, const at::Tensor& w, const at::Tensor& s, at::Tensor& out,
+                     bool abs_scores) {
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "maskprune_score_grad", [&] {
     using score_t = scalar_t;
     const score_t* sp = s.data_ptr<score_t>();
@@ -180,16 +209,31 @@ at::Tensor score_grad_cpu(const at::Tensor& grad_weight, const at::Tensor& weigh
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "maskprune_score_grad_g", [&] {
         const scalar_t* gp = g.data_ptr<scalar_t>();
         at::parallel_for(0, s.numel(), kGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            score_t v = static_cast<score_t>(wp[i]) * static_cast<score_t>(gp[i]);
-            if (abs_scores) v = sp[i] > 0 ? v : (sp[i] < 0 ? -v : score_t(0));
-            op[i] = v;
-          }
+          if (abs_scores) score_grad_loop<score_t, weight_t, scalar_t, true>(gp, wp, sp, op, begin, end);
+          else score_grad_loop<score_t, weight_t, scalar_t, false>(gp, wp, sp, op, begin, end);
         });
       });
     });
   });
+}
+
+at::Tensor score_grad_cpu(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& scores,
+                          bool abs_scores) {
+  check_score_grad_args(grad_weight, weight, scores);
+  auto s = scores.contiguous();
+  auto out = at::empty_like(s);
+  score_grad_into(grad_weight.contiguous(), weight.contiguous(), s, out, abs_scores);
   return out;
+}
+
+// In-place variant for a freshly computed weight gradient: saves one weight-sized buffer per step.
+void score_grad_inplace_cpu(at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& scores,
+                                   bool abs_scores) {
+  check_score_grad_args(grad_weight, weight, scores);
+  TORCH_CHECK_TYPE(grad_weight.scalar_type() == scores.scalar_type(), "grad_weight must have the scores' dtype ",
+                   scores.scalar_type(), " to take dS in place, got ", grad_weight.scalar_type());
+  TORCH_CHECK_VALUE(grad_weight.is_contiguous(), "grad_weight must be contiguous to take dS in place");
+  score_grad_into(grad_weight, weight.contiguous(), scores.contiguous(), grad_weight, abs_scores);
 }
 
 }  // namespace
@@ -199,6 +243,7 @@ TORCH_LIBRARY_IMPL(maskprune, CPU, m) {
   m.impl("global_threshold", &global_threshold_cpu);
   m.impl("apply_mask", &apply_mask_cpu);
   m.impl("score_grad", &score_grad_cpu);
+  m.impl("score_grad_", &score_grad_inplace_cpu);
 }
 
 }  // namespace maskprune

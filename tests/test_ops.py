@@ -1,0 +1,872 @@
+"""maskprune.ops against the pure-torch reference (DESIGN §1), for every backend on every device.
+
+Backends come from `maskprune.ops.available_backends(device)`: cpp and torch on CPU; triton joins
+when it runs there (CUDA, or CPU under TRITON_INTERPRET=1, where shapes are kept small). CUDA
+cases are skipped with "needs a CUDA GPU" on machines without one.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+
+import maskprune
+from maskprune import ops, reference
+
+# --------------------------------------------------------------------------------------------
+# Tolerances, per dtype of the compared tensor, relative to the largest |value| of the expected
+# tensor (atol = tol * max|expected|, rtol = tol); one scale keeps cancellation in a GEMM from
+# turning a tiny absolute difference into a huge relative one.
+#
+# - float64: the backends run the same GEMM on the same masked weight; the only difference is
+#   summation order over K <= 784 terms, ~sqrt(K)·2^-53 ≈ 3e-15 of the scale. 1e-12 leaves room.
+# - float32: the same argument gives ~sqrt(784)·6e-8 ≈ 2e-6; the STE score gradient rounds
+#   W·(dY^T X) once more in float32 (the reference rounds in the weight's dtype, the kernels in the
+#   scores'). 1e-5. (A TF32 GEMM on a GPU would miss this by 100x: fp32 must stay IEEE.)
+# - bfloat16 (8 significant bits, unit roundoff 2^-9 ≈ 2e-3): outputs and gradients are rounded
+#   to bf16 once or twice, in different places per backend (the reference rounds W·G in bf16
+#   before the float32 score gradient, the kernels do not); GPU GEMMs accumulate in another order.
+#   A couple of bf16 ulps of the scale: 2e-2.
+# - float16 (11 significant bits, unit roundoff 2^-12 ≈ 2.4e-4): the same, a couple of ulps: 2e-3.
+# Score gradients are float32 (the master copy) but computed from activations of the activation
+# dtype, so they get the looser of the two tolerances.
+# --------------------------------------------------------------------------------------------
+TOL = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.bfloat16: 2e-2,
+    torch.float16: 2e-3,
+}
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+needs_cpp = pytest.mark.skipif(not ops.HAS_CPP, reason="needs the C++ extension maskprune._C")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a busy 2-core host, OpenMP regions stall for milliseconds per op.
+
+    test_cpu_kernels_with_several_threads covers the C++ kernels' multi-threaded paths.
+    """
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield n_threads
+    torch.set_num_threads(n_threads)
+
+
+def device_backends() -> list:
+    """(device, backend) pairs: every available backend on CPU, and on CUDA when there is a GPU."""
+    params = [pytest.param("cpu", b, id=f"cpu-{b}") for b in ops.available_backends("cpu")]
+    if CUDA:
+        params += [pytest.param("cuda", b, id=f"cuda-{b}") for b in ops.available_backends("cuda")]
+    else:
+        params.append(pytest.param("cuda", "none", id="cuda", marks=needs_cuda))
+    return params
+
+
+DEVICE_BACKENDS = device_backends()
+
+
+def interpreted(device: str, backend: str) -> bool:
+    """The Triton backend on CPU runs in Triton's numpy interpreter: keep its shapes small."""
+    return backend == "triton" and device == "cpu"
+
+
+def seed_of(*key) -> int:
+    return zlib.crc32(repr(key).encode())
+
+
+def gen(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(seed_of(*key))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
+    """|actual - expected| <= tol·max|expected| + tol·|expected| elementwise, and the same shape and dtype."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    if expected.numel() == 0:
+        return
+    a, e = actual.detach().double(), expected.detach().double()
+    scale = float(e.abs().max())
+    err = (a - e).abs() - tol * e.abs()
+    worst = float(err.max())
+    assert worst <= tol * scale, (f"{what}: max |actual - expected| - tol·|expected| = {worst:.3g} > tol·max|expected| = "
+                                  f"{tol * scale:.3g} (tol {tol:g}, {int((err > tol * scale).sum())} of {e.numel()} "
+                                  f"elements off)")
+
+
+def n_keep_expected(density: float, n: int) -> int:
+    """DESIGN §1, written out again here rather than imported: clamp(floor(k·n + 1/2), 1, n)."""
+    return min(max(math.floor(density * n + 0.5), 1), n)
+
+
+def key_of(scores: torch.Tensor, abs_scores: bool) -> torch.Tensor:
+    return scores.abs() if abs_scores else scores
+
+
+def tie_free_scores(shape, dtype, abs_scores: bool, g: torch.Generator) -> torch.Tensor:
+    """Random scores over many binades whose keys (|S| or S) are pairwise distinct in `dtype`."""
+    n = math.prod(shape)
+    v = (torch.randn(2 * n + 16, generator=g, dtype=torch.float64)
+         * torch.exp(2.0 * torch.randn(2 * n + 16, generator=g, dtype=torch.float64))).to(dtype)
+    key = key_of(v, abs_scores)
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    first = torch.full((uniq.numel(),), v.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(v.numel()), reduce="amin")
+    v = v[first[torch.randperm(first.numel(), generator=g)]]
+    assert v.numel() >= n
+    return v[:n].reshape(shape).contiguous()
+
+
+# ============================================================================================
+# Backend table
+# ============================================================================================
+
+def test_backend_table():
+    assert "torch" in ops.BACKENDS
+    for device in ["cpu", "meta"] + (["cuda"] if CUDA else []):
+        names = ops.available_backends(device)
+        assert "torch" in names, names
+        assert all(n in ops.BACKENDS for n in names)
+        # "auto" is the first available one, and never fails where the reference would run.
+        assert ops.resolve_backend("auto", torch.device(device)).name == names[0]
+    assert ops.available_backends("meta") == ["torch"]
+    if ops.HAS_CPP:
+        assert ops.available_backends("cpu")[0] == "cpp"
+    for name in ops.available_backends("cpu"):
+        assert ops.resolve_backend(name, torch.device("cpu")).name == name
+
+
+@pytest.mark.parametrize("bad", ["nope", "", "Torch", None, 3])
+def test_unknown_backend_raises(bad):
+    s = torch.randn(5)
+    with pytest.raises(ValueError, match="backend"):
+        ops.check_backend_name(bad)
+    with pytest.raises(ValueError, match="backend"):
+        maskprune.threshold(s, 0.5, backend=bad)
+    with pytest.raises(ValueError, match="backend"):
+        maskprune.global_threshold([s], 0.5, backend=bad)
+    with pytest.raises(ValueError, match="backend"):
+        maskprune.apply_mask(torch.randn(5), s, torch.tensor(0.0), backend=bad)
+    with pytest.raises(ValueError, match="backend"):
+        maskprune.masked_linear(torch.randn(2, 5), torch.randn(3, 5), torch.randn(3, 5), torch.tensor(0.0),
+                                backend=bad)
+
+
+@needs_cpp
+def test_backend_not_available_on_device_raises():
+    # The C++ extension has no kernels for the meta device: naming it there is an error, "auto" is not.
+    with pytest.raises(ValueError, match="backend 'cpp' is not available on meta"):
+        ops.resolve_backend("cpp", torch.device("meta"))
+    assert ops.resolve_backend("auto", torch.device("meta")).name == "torch"
+
+
+# ============================================================================================
+# threshold / global_threshold
+# ============================================================================================
+
+THRESHOLD_SIZES = [(1,), (2,), (3,), (10,), (7, 13), (1000,), (4, 3, 5, 7), (65_537,)]
+THRESHOLD_DENSITIES = [1e-9, 1e-3, 0.1, 0.3, 0.5, 0.7, 0.9, 0.999, 1.0]
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("abs_scores", [True, False], ids=["abs", "raw"])
+@pytest.mark.parametrize("shape", THRESHOLD_SIZES, ids=lambda s: "x".join(map(str, s)))
+def test_threshold_keeps_exactly_n_keep(device, backend, dtype, abs_scores, shape):
+    scores = tie_free_scores(shape, dtype, abs_scores, gen("thr", shape, dtype, abs_scores)).to(device)
+    key = key_of(scores, abs_scores)
+    n = scores.numel()
+    for density in THRESHOLD_DENSITIES:
+        t = maskprune.threshold(scores, density, abs_scores=abs_scores, backend=backend)
+        assert t.dim() == 0 and t.dtype == dtype and t.device == scores.device and not t.requires_grad
+        kept = int((key >= t).sum())
+        assert kept == n_keep_expected(density, n), (density, n, kept)
+        assert float(t) == float(reference.threshold(scores, density, abs_scores)), density
+        assert bool((key == t).any()), "t must be one of the keys"
+
+
+@pytest.mark.parametrize("density,n,kept", [(0.9, 10, 9), (0.3, 10, 3), (0.7, 10, 7), (0.1, 10, 1), (0.05, 10, 1),
+                                            (0.15, 10, 2), (0.25, 10, 3), (1e-9, 10, 1), (1.0, 10, 10),
+                                            (0.5, 1, 1), (0.49, 1, 1), (0.999, 1000, 999), (1 / 3, 3, 1)])
+def test_n_keep_rounding(density, n, kept):
+    # floor(k·n + 1/2): 0.3·10 = 3.0000000000000004 and 0.7·10 = 7.000000000000001 still keep 3 and 7;
+    # 0.15·10 = 1.5 rounds up to 2; 0.25·10 = 2.5 to 3 (round half up, not banker's rounding).
+    assert reference.n_keep_for(density, n) == kept == n_keep_expected(density, n)
+    for backend in ops.available_backends("cpu"):
+        s = tie_free_scores((n,), torch.float32, True, gen("nk", n))
+        t = maskprune.threshold(s, density, backend=backend)
+        assert int((s.abs() >= t).sum()) == kept, backend
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("abs_scores", [True, False], ids=["abs", "raw"])
+def test_threshold_with_ties_keeps_every_tie(device, backend, dtype, abs_scores):
+    g = gen("ties", dtype, abs_scores)
+    levels = torch.tensor([0.25, 0.5, 1.0, 2.0, -0.5, -1.0, 0.0], dtype=dtype)
+    scores = levels[torch.randint(0, levels.numel(), (23, 31), generator=g)].to(device)
+    key = key_of(scores, abs_scores)
+    for density in [1e-9, 0.1, 0.2, 0.37, 0.5, 0.63, 0.8, 0.95, 1.0]:
+        n_keep = n_keep_expected(density, scores.numel())
+        t = maskprune.threshold(scores, density, abs_scores=abs_scores, backend=backend)
+        assert float(t) == float(reference.threshold(scores, density, abs_scores))
+        assert int((key > t).sum()) < n_keep <= int((key >= t).sum())
+        # every score tied at t is kept by apply_mask
+        w = torch.randn(scores.shape, generator=g, dtype=torch.float64).to(device=device)
+        w_eff = maskprune.apply_mask(w, scores, t, abs_scores=abs_scores, backend=backend)
+        assert torch.equal(w_eff != 0, key >= t)
+    # all scores equal: every density keeps everything
+    same = torch.full((5, 7), -0.75, dtype=dtype, device=device)
+    for density in [1e-9, 0.5, 1.0]:
+        t = maskprune.threshold(same, density, abs_scores=abs_scores, backend=backend)
+        assert float(t) == (0.75 if abs_scores else -0.75)
+        assert bool((key_of(same, abs_scores) >= t).all())
+
+
+def special_values(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Inputs that stress a radix select: one shared bit prefix, zeros of both signs, subnormals, extremes."""
+    info = torch.finfo(dtype)
+    g = gen("special", dtype)
+    one_prefix = 1.0 + torch.arange(300, dtype=torch.float64) * 2.0 ** -40  # same top 16 key bits
+    return {
+        "one_prefix": one_prefix[torch.randperm(300, generator=g)].to(dtype),
+        "one_prefix_signed": (one_prefix * torch.where(torch.rand(300, generator=g) < 0.5, -1.0, 1.0)).to(dtype),
+        "zeros": torch.tensor([0.0, -0.0, 0.0, -0.0, 1.0, -2.0, 0.0], dtype=dtype),
+        "subnormal": torch.tensor([info.tiny / 4, -info.tiny / 2, info.tiny, 0.0, -info.tiny / 8], dtype=dtype),
+        "extremes": torch.tensor([info.max, -info.max, info.tiny, -info.tiny, 1.0, -1.0, 0.0], dtype=dtype),
+        "negative": -torch.rand(101, generator=g, dtype=torch.float64).to(dtype) - 0.5,
+        "mixed": torch.randn(257, generator=g, dtype=torch.float64).to(dtype) * 1e-3,
+    }
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("abs_scores", [True, False], ids=["abs", "raw"])
+def test_threshold_special_values(device, backend, dtype, abs_scores):
+    for name, scores in special_values(dtype).items():
+        scores = scores.to(device)
+        key = key_of(scores, abs_scores)
+        for density in [1e-9, 0.2, 0.5, 0.8, 1.0]:
+            t = maskprune.threshold(scores, density, abs_scores=abs_scores, backend=backend)
+            t_ref = reference.threshold(scores, density, abs_scores)
+            assert float(t) == float(t_ref), (name, density, float(t), float(t_ref))
+            n_keep = n_keep_expected(density, scores.numel())
+            assert int((key > t).sum()) < n_keep <= int((key >= t).sum()), (name, density)
+
+
+@pytest.mark.parametrize("backend", ops.available_backends("cpu"))
+def test_cpu_kernels_with_several_threads(backend, one_thread):
+    # Sizes above the C++ kernels' parallel grain (2^15), so that every thread takes a share of the
+    # histogram, the gather and the mask/score-gradient passes.
+    torch.set_num_threads(max(2, one_thread))
+    try:
+        g = gen("threads")
+        for n, abs_scores in [(100_003, True), (65_536 + 17, False)]:
+            scores = tie_free_scores((n,), torch.float32, abs_scores, g)
+            for density in [1e-9, 0.01, 0.5, 0.99, 1.0]:
+                t = maskprune.threshold(scores, density, abs_scores=abs_scores, backend=backend)
+                assert float(t) == float(reference.threshold(scores, density, abs_scores))
+                assert int((key_of(scores, abs_scores) >= t).sum()) == n_keep_expected(density, n)
+            parts = [scores[:40_000], scores[40_000:40_001], scores[40_001:]]
+            t = maskprune.global_threshold(parts, 0.3, abs_scores=abs_scores, backend=backend)
+            assert float(t) == float(reference.threshold(scores, 0.3, abs_scores))
+        weight = torch.randn(300, 400, generator=g)
+        scores = torch.randn(300, 400, generator=g)
+        t = reference.threshold(scores, 0.4, True)
+        s_got, s_ref = scores.clone().requires_grad_(), scores.clone().requires_grad_()
+        x = torch.randn(8, 400, generator=g)
+        y = maskprune.masked_linear(x, weight, s_got, t, backend=backend)
+        y_ref = reference.masked_linear(x, weight, s_ref, t)
+        assert_close(y, y_ref, TOL[torch.float32], "y")
+        y.sum().backward()
+        y_ref.sum().backward()
+        assert_close(s_got.grad, s_ref.grad, TOL[torch.float32], "grad scores")
+        assert torch.equal(maskprune.apply_mask(weight, scores, t, backend=backend), reference.apply_mask(weight, scores, t))
+    finally:
+        torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_threshold_of_noncontiguous_scores(device, backend):
+    base = tie_free_scores((40, 30), torch.float32, True, gen("nc-thr")).to(device)
+    for view in [base.t(), base[:, ::3], base[::2].t()]:
+        for density in [0.1, 0.5, 0.9]:
+            t = maskprune.threshold(view, density, backend=backend)
+            assert float(t) == float(maskprune.threshold(view.contiguous(), density, backend=backend))
+            assert int((view.abs() >= t).sum()) == n_keep_expected(density, view.numel())
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_threshold_output_carries_no_grad(device, backend, dtype):
+    scores = torch.randn(6, 9, dtype=dtype, device=device, requires_grad=True)
+    t = maskprune.threshold(scores, 0.4, backend=backend)
+    assert t.shape == () and t.dtype == dtype and not t.requires_grad and t.grad_fn is None
+    t = maskprune.global_threshold([scores, scores[:2].detach().clone().requires_grad_()], 0.4, backend=backend)
+    assert t.shape == () and t.dtype == dtype and not t.requires_grad and t.grad_fn is None
+
+
+GLOBAL_SHAPES = [[(3,), (17, 5), (2, 3, 4, 5), (1,)], [(1,)], [(1,), (1,)], [(64, 33), (7,), (8, 4, 3, 3)]]
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("abs_scores", [True, False], ids=["abs", "raw"])
+@pytest.mark.parametrize("shapes", GLOBAL_SHAPES, ids=lambda s: "-".join("x".join(map(str, x)) for x in s))
+def test_global_threshold_equals_reference_on_concatenation(device, backend, dtype, abs_scores, shapes):
+    n = sum(math.prod(s) for s in shapes)
+    flat = tie_free_scores((n,), dtype, abs_scores, gen("glob", shapes, dtype, abs_scores)).to(device)
+    parts = list(torch.split(flat, [math.prod(s) for s in shapes]))
+    scores_list = [p.reshape(s) for p, s in zip(parts, shapes)]
+    if scores_list[0].dim() == 2:  # a non-contiguous member
+        scores_list[0] = scores_list[0].t().contiguous().t()
+    for density in [1e-9, 0.05, 0.3, 0.5, 0.77, 1.0]:
+        t = maskprune.global_threshold(scores_list, density, abs_scores=abs_scores, backend=backend)
+        t_ref = reference.threshold(torch.cat([s.flatten() for s in scores_list]), density, abs_scores)
+        assert t.dim() == 0 and t.dtype == dtype and not t.requires_grad
+        assert float(t) == float(t_ref), density
+        kept = sum(int((key_of(s, abs_scores) >= t).sum()) for s in scores_list)
+        assert kept == n_keep_expected(density, n)
+    # a list of one tensor is threshold() of that tensor; a tuple works as well as a list
+    single = maskprune.global_threshold((scores_list[0],), 0.5, abs_scores=abs_scores, backend=backend)
+    assert float(single) == float(maskprune.threshold(scores_list[0], 0.5, abs_scores=abs_scores, backend=backend))
+
+
+# ============================================================================================
+# apply_mask and masked_linear against the reference
+# ============================================================================================
+
+# (activation/weight dtype, scores dtype)
+DTYPE_CASES = [
+    pytest.param(torch.float32, torch.float32, id="f32"),
+    pytest.param(torch.float64, torch.float64, id="f64"),
+    pytest.param(torch.bfloat16, torch.float32, id="bf16"),
+    pytest.param(torch.float16, torch.float32, id="f16"),
+]
+# (batch, out_features, in_features)
+LINEAR_SHAPES = [(1, 1, 1), (37, 53, 70), (3, 300, 784), (5, 1, 17), (2, 13, 1), (64, 10, 9)]  # BIG: sampled
+LINEAR_DENSITIES = [1e-9, 0.05, 0.5, 0.9, 1.0]
+
+
+def small_enough(device, backend, shape) -> bool:
+    return not interpreted(device, backend) or math.prod(shape) <= 150_000
+
+
+BIG = (3, 300, 784)
+
+
+def linear_cases():
+    """(device, backend, shape, density, abs_scores, bias): the full grid on small shapes, a sample on BIG."""
+    out = []
+    for p in DEVICE_BACKENDS:
+        dev, be = p.values
+        for shape in LINEAR_SHAPES:
+            if not small_enough(dev, be, shape):
+                continue
+            for density in LINEAR_DENSITIES:
+                for abs_scores in (True, False):
+                    for bias in (False, True):
+                        if shape == BIG and (density not in (1e-9, 0.5) or abs_scores != bias):
+                            continue
+                        ids = (f"{dev}-{be}-{'x'.join(map(str, shape))}-d{density:g}-{'abs' if abs_scores else 'raw'}-"
+                               f"{'bias' if bias else 'nobias'}")
+                        out.append(pytest.param(dev, be, shape, density, abs_scores, bias, marks=p.marks, id=ids))
+    return out
+
+
+def make_linear(shape, act_dtype, score_dtype, device, *, bias: bool, layout: str = "contiguous", seed=0):
+    """Inputs of masked_linear: (x_leaf, view_fn, weight, scores, bias); x = view_fn(x_leaf)."""
+    B, N, K = shape
+    g = gen("linear", shape, act_dtype, score_dtype, bias, layout, seed)
+    rand = lambda *size: torch.randn(*size, generator=g, dtype=torch.float64)
+    weight = (rand(N, K) / math.sqrt(K)).to(act_dtype)
+    scores = rand(N, K).to(score_dtype)
+    b = rand(N).to(act_dtype) if bias else None
+    if layout == "contiguous":
+        x_leaf, view = rand(B, K), (lambda x: x)
+    elif layout == "transposed":  # (B, K) view of a (K, B) tensor
+        x_leaf, view = rand(K, B), (lambda x: x.t())
+    elif layout == "sliced":  # every other column of a (B, 2K) tensor
+        x_leaf, view = rand(B, 2 * K), (lambda x: x[:, ::2])
+    elif layout == "batched":  # leading batch dimensions (2, 3)
+        x_leaf, view = rand(2, 3, K), (lambda x: x)
+    elif layout == "batched_permuted":  # (2, 3, K) view of a (K, 3, 2) tensor
+        x_leaf, view = rand(K, 3, 2), (lambda x: x.permute(2, 1, 0))
+    elif layout == "vector":  # a single sample of shape (K,)
+        x_leaf, view = rand(K), (lambda x: x)
+    else:
+        raise AssertionError(layout)
+    x_leaf = x_leaf.to(act_dtype)
+    return [x_leaf.to(device), view, weight.to(device), scores.to(device), None if b is None else b.to(device)]
+
+
+def run_linear(fn, x_leaf, view, weight, scores, bias, t, upstream: str):
+    """Forward and backward of fn(x, weight, scores, t, bias); returns y and the grads of x_leaf, scores, bias."""
+    x_leaf = x_leaf.detach().clone().requires_grad_()
+    scores = scores.detach().clone().requires_grad_()
+    bias = None if bias is None else bias.detach().clone().requires_grad_()
+    y = fn(view(x_leaf), weight, scores, t, bias)
+    if upstream == "sum":  # the upstream gradient is an expanded, stride-0 tensor
+        y.sum().backward()
+    else:
+        g = torch.randn(y.shape, generator=gen("upstream", tuple(y.shape)), dtype=torch.float64)
+        (y * g.to(device=y.device, dtype=y.dtype)).sum().backward()
+    assert weight.grad is None
+    return y.detach(), x_leaf.grad, scores.grad, None if bias is None else bias.grad
+
+
+def check_against_reference(backend, inputs, act_dtype, score_dtype, density, abs_scores, upstream):
+    x_leaf, view, weight, scores, bias = inputs
+    t = reference.threshold(scores, density, abs_scores)
+    fn = lambda x, w, s, t_, b: maskprune.masked_linear(x, w, s, t_, b, abs_scores=abs_scores, backend=backend)
+    ref = lambda x, w, s, t_, b: reference.masked_linear(x, w, s, t_, b, abs_scores)
+    got = run_linear(fn, x_leaf, view, weight, scores, bias, t, upstream)
+    want = run_linear(ref, x_leaf, view, weight, scores, bias, t, upstream)
+    tol, tol_s = TOL[act_dtype], max(TOL[act_dtype], TOL[score_dtype])
+    assert_close(got[0], want[0], tol, "y")
+    assert_close(got[1], want[1], tol, "grad x")
+    assert_close(got[2], want[2], tol_s, "grad scores")
+    if bias is not None:
+        assert_close(got[3], want[3], tol, "grad bias")
+
+
+@pytest.mark.parametrize("device,backend,shape,density,abs_scores,bias", linear_cases())
+@pytest.mark.parametrize("act_dtype,score_dtype", DTYPE_CASES)
+def test_masked_linear_matches_reference(device, backend, shape, act_dtype, score_dtype, density, abs_scores, bias):
+    inputs = make_linear(shape, act_dtype, score_dtype, device, bias=bias)
+    upstream = "sum" if (LINEAR_SHAPES.index(shape) + LINEAR_DENSITIES.index(density)) % 2 else "random"
+    check_against_reference(backend, inputs, act_dtype, score_dtype, density, abs_scores, upstream)
+
+
+LAYOUTS = ["contiguous", "transposed", "sliced", "batched", "batched_permuted", "vector"]
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("act_dtype,score_dtype", DTYPE_CASES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("upstream", ["sum", "random"])
+def test_masked_linear_layouts_match_reference(device, backend, act_dtype, score_dtype, layout, bias, upstream):
+    inputs = make_linear((7, 11, 19), act_dtype, score_dtype, device, bias=bias, layout=layout)
+    for density, abs_scores in [(0.3, True), (0.6, False)]:
+        check_against_reference(backend, inputs, act_dtype, score_dtype, density, abs_scores, upstream)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (37, 53, 70), (4, 300, 784)], ids=lambda s: "x".join(map(str, s)))
+def test_float64_weights_with_float32_scores(device, backend, shape):
+    # What MaskedLinear(dtype=torch.float64) and convert() of a float64 model hold: float32 master
+    # scores next to float64 weights. The kept weights must pass through unrounded (W ⊙ M is exact).
+    if not small_enough(device, backend, shape):
+        pytest.skip("too large for the Triton interpreter")
+    inputs = make_linear(shape, torch.float64, torch.float32, device, bias=True)
+    for density, abs_scores in [(0.5, True), (1.0, False)]:
+        check_against_reference(backend, inputs, torch.float64, torch.float32, density, abs_scores, "random")
+    _, _, weight, scores, _ = inputs
+    t = reference.threshold(scores, 1.0, True)
+    w_eff = maskprune.apply_mask(weight, scores, t, backend=backend)
+    assert torch.equal(w_eff, weight), "density 1 keeps every float64 weight bit for bit"
+
+
+APPLY_DTYPES = [
+    pytest.param(torch.float32, torch.float32, id="f32"),
+    pytest.param(torch.float64, torch.float64, id="f64"),
+    pytest.param(torch.float64, torch.float32, id="f64w-f32s"),
+    pytest.param(torch.bfloat16, torch.float32, id="bf16"),
+    pytest.param(torch.float16, torch.float32, id="f16"),
+]
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("weight_dtype,score_dtype", APPLY_DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (1, 1), (53, 70), (8, 3, 3, 3), (123, 457)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("abs_scores", [True, False], ids=["abs", "raw"])
+def test_apply_mask_matches_reference(device, backend, weight_dtype, score_dtype, shape, abs_scores):
+    if interpreted(device, backend) and math.prod(shape) > 20_000:
+        pytest.skip("too large for the Triton interpreter")
+    g = gen("apply", shape, weight_dtype, score_dtype, abs_scores)
+    weight = torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=weight_dtype)
+    scores0 = tie_free_scores(shape, score_dtype, abs_scores, g).to(device)
+    upstream = torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=weight_dtype)
+    for density in [1e-9, 0.3, 1.0]:
+        t = reference.threshold(scores0, density, abs_scores)
+        s_got, s_ref = scores0.clone().requires_grad_(), scores0.clone().requires_grad_()
+        got = maskprune.apply_mask(weight, s_got, t, abs_scores=abs_scores, backend=backend)
+        want = reference.apply_mask(weight, s_ref, t, abs_scores)
+        assert got.dtype == weight_dtype and got.shape == weight.shape
+        assert torch.equal(got, want), "W ⊙ M has no rounding: every backend must match bit for bit"
+        assert int((got != 0).sum()) == n_keep_expected(density, weight.numel())  # randn weights: no zeros
+        (got * upstream).sum().backward()
+        (want * upstream).sum().backward()
+        assert_close(s_got.grad, s_ref.grad, max(TOL[weight_dtype], TOL[score_dtype]), "grad scores")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_apply_mask_noncontiguous_and_stride0_grad(device, backend):
+    g = gen("apply-nc")
+    w_base = torch.randn(30, 20, generator=g).to(device)
+    s_base = torch.randn(20, 30, generator=g).to(device)
+    weight, scores0 = w_base.t()[:, ::2], s_base[:, ::2]  # both (20, 15), non-contiguous, differently strided
+    t = reference.threshold(scores0, 0.4, True)
+    s_got, s_ref = scores0.clone().requires_grad_(), scores0.clone().requires_grad_()
+    got = maskprune.apply_mask(weight, s_got, t, backend=backend)
+    assert torch.equal(got, reference.apply_mask(weight, s_ref, t))
+    got.sum().backward()  # stride-0 upstream gradient
+    reference.apply_mask(weight, s_ref, t).sum().backward()
+    assert_close(s_got.grad, s_ref.grad, TOL[torch.float32], "grad scores")
+
+
+# ============================================================================================
+# Gradients: gradcheck where the function is smooth, the STE formula where it is not
+# ============================================================================================
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("abs_scores", [True, False], ids=["abs", "raw"])
+@pytest.mark.parametrize("x_shape", [(5, 7), (2, 3, 7), (7,)], ids=["2d", "3d", "1d"])
+def test_gradcheck_masked_linear_x_and_bias(device, backend, abs_scores, x_shape):
+    # With scores fixed, y = X (W ⊙ M)^T + b is linear in x and b: gradcheck is exact there.
+    g = gen("gradcheck", x_shape, abs_scores)
+    opts = dict(dtype=torch.float64, device=device)
+    weight = torch.randn(4, 7, generator=g, dtype=torch.float64).to(device)
+    scores = torch.randn(4, 7, generator=g, dtype=torch.float64).to(device)
+    t = reference.threshold(scores, 0.5, abs_scores)
+    x = torch.randn(x_shape, generator=g, dtype=torch.float64).to(**opts).requires_grad_()
+    b = torch.randn(4, generator=g, dtype=torch.float64).to(**opts).requires_grad_()
+    fn = lambda x, b: maskprune.masked_linear(x, weight, scores, t, b, abs_scores=abs_scores, backend=backend)
+    assert torch.autograd.gradcheck(fn, (x, b), eps=1e-6, atol=1e-8)
+    fn_x = lambda x: maskprune.masked_linear(x, weight, scores, t, abs_scores=abs_scores, backend=backend)
+    assert torch.autograd.gradcheck(fn_x, (x,), eps=1e-6, atol=1e-8)
+    # scores that require grad must not change the x/bias gradients
+    s = scores.clone().requires_grad_()
+    fn_s = lambda x, b: maskprune.masked_linear(x, weight, s, t, b, abs_scores=abs_scores, backend=backend)
+    assert torch.autograd.gradcheck(fn_s, (x, b), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("abs_scores", [True, False], ids=["abs", "raw"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("x_shape", [(6, 9), (2, 3, 9)], ids=["2d", "3d"])
+def test_score_gradient_is_the_straight_through_formula(device, backend, abs_scores, dtype, x_shape):
+    # The mask is piecewise constant in S, so the numerical derivative is 0 (or a jump): the STE
+    # gradient is checked against DESIGN §1 directly: dS = sign(S) ⊙ W ⊙ (dY^T X), or W ⊙ (dY^T X).
+    g = gen("ste", abs_scores, dtype, x_shape)
+    rand = lambda *size: torch.randn(*size, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    weight, x = rand(5, 9), rand(*x_shape)
+    scores = rand(5, 9)
+    scores[0, 0] = 0.0  # sign(0) = 0: no gradient through |S| at S = 0
+    scores.requires_grad_()
+    t = reference.threshold(scores, 0.4, abs_scores)
+    y = maskprune.masked_linear(x, weight, scores, t, abs_scores=abs_scores, backend=backend)
+    dy = rand(*y.shape)
+    (y * dy).sum().backward()
+    dw_eff = dy.reshape(-1, 5).double().t() @ x.reshape(-1, 9).double()
+    expected = weight.double() * dw_eff
+    if abs_scores:
+        expected = torch.sign(scores.detach().double()) * expected
+    assert_close(scores.grad, expected.to(dtype), TOL[dtype] * 10, "dS (masked_linear)")
+    mask = key_of(scores.detach(), abs_scores) >= t
+    assert bool((scores.grad[~mask] != 0).any()), "pruned weights' scores get a gradient too (STE)"
+
+    # apply_mask: dS = sign(S) ⊙ W ⊙ G
+    s2 = scores.detach().clone().requires_grad_()
+    w_eff = maskprune.apply_mask(weight, s2, t, abs_scores=abs_scores, backend=backend)
+    G = rand(5, 9)
+    (w_eff * G).sum().backward()
+    expected = weight.double() * G.double() * (torch.sign(scores.detach().double()) if abs_scores else 1.0)
+    assert_close(s2.grad, expected.to(dtype), TOL[dtype], "dS (apply_mask)")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_no_weight_gradient_and_partial_needs(device, backend):
+    g = gen("partial")
+    weight = torch.randn(4, 6, generator=g).to(device)
+    scores = torch.randn(4, 6, generator=g).to(device)
+    t = reference.threshold(scores, 0.5, True)
+    x = torch.randn(3, 6, generator=g).to(device)
+    # only scores need a gradient (the usual mask-training case: the input is data)
+    s = scores.clone().requires_grad_()
+    maskprune.masked_linear(x, weight, s, t, backend=backend).sum().backward()
+    s_ref = scores.clone().requires_grad_()
+    reference.masked_linear(x, weight, s_ref, t).sum().backward()
+    assert_close(s.grad, s_ref.grad, TOL[torch.float32], "grad scores")
+    # only x needs one
+    xg = x.clone().requires_grad_()
+    maskprune.masked_linear(xg, weight, scores, t, backend=backend).sum().backward()
+    xr = x.clone().requires_grad_()
+    reference.masked_linear(xr, weight, scores, t).sum().backward()
+    assert_close(xg.grad, xr.grad, TOL[torch.float32], "grad x")
+    # nothing needs one: the output is a plain tensor
+    with torch.no_grad():
+        y = maskprune.masked_linear(x, weight, s, t, backend=backend)
+    assert not y.requires_grad
+
+
+# ============================================================================================
+# torch.library.opcheck on every torch.ops.maskprune op
+# ============================================================================================
+
+def opcheck_samples():
+    """(op name, args, kwargs) samples; requires_grad variants for the differentiable ops."""
+    g = torch.Generator().manual_seed(7)
+    r = lambda *s, dtype=torch.float32, rg=False: torch.randn(*s, generator=g, dtype=dtype).requires_grad_(rg)
+    w, s = r(5, 7), r(5, 7)
+    t = reference.threshold(s, 0.5, True)
+    t_raw = reference.threshold(s, 0.5, False)
+    x, x3 = r(3, 7), r(2, 3, 7)
+    w64, s64 = r(4, 6, dtype=torch.float64), r(4, 6, dtype=torch.float64)
+    t64 = reference.threshold(s64, 0.3, True)
+    return [
+        ("threshold", (r(5, 7), 0.5, True), {}),
+        ("threshold", (r(100, dtype=torch.float64), 1e-9, False), {}),
+        ("threshold", (r(11, 13).t(), 1.0, True), {}),
+        ("global_threshold", ([r(5, 7), r(3), r(2, 2, 2)], 0.4, True), {}),
+        ("global_threshold", ([r(9, dtype=torch.float64)], 0.9, False), {}),
+        ("apply_mask", (w, s, t, True), {}),
+        ("apply_mask", (w, r(5, 7, rg=True), t, True), {}),
+        ("apply_mask", (w.to(torch.bfloat16), r(5, 7, rg=True), t_raw, False), {"dtype": torch.float32}),
+        ("apply_mask", (w64, r(4, 6, dtype=torch.float64, rg=True), t64, True), {}),
+        ("apply_mask", (w.t().contiguous().t(), s, t, True), {"dtype": torch.float16}),
+        ("score_grad", (r(5, 7), w, s, True), {}),
+        ("score_grad", (r(5, 7, dtype=torch.bfloat16), w.to(torch.bfloat16), s, False), {}),
+        ("score_grad_", (r(5, 7), w, s, True), {}),
+        ("masked_linear", (x, w, s, t, None, True), {}),
+        ("masked_linear", (r(3, 7, rg=True), w, r(5, 7, rg=True), t, r(5, rg=True), True), {}),
+        ("masked_linear", (r(2, 3, 7, rg=True), w, r(5, 7, rg=True), t_raw, None, False), {}),
+        ("masked_linear", (r(7, 3, rg=True).t(), w, s, t, r(5), True), {}),
+        ("masked_linear", (r(3, 6, dtype=torch.float64, rg=True), w64, r(4, 6, dtype=torch.float64, rg=True),
+                           t64, r(4, dtype=torch.float64, rg=True), True), {}),
+        ("masked_linear", (r(3, 7).to(torch.bfloat16), w.to(torch.bfloat16), s, t, None, True), {}),
+        ("masked_linear_backward", (r(3, 5), x, w, s, t, True, True, True), {}),
+        ("masked_linear_backward", (r(2, 3, 5), x3, w, s, t_raw, False, True, False), {}),
+        ("masked_linear_backward", (r(2, 3, 5), x3, w, s, t, True, False, True), {}),
+        ("masked_linear_backward", (r(3, 5), x, w, s, t, True, False, False), {}),
+    ]
+
+
+OPCHECK_SAMPLES = opcheck_samples() if ops.HAS_CPP else []
+
+
+@needs_cpp
+def test_opcheck_covers_every_op():
+    schema_ops = {"threshold", "global_threshold", "apply_mask", "score_grad", "score_grad_", "masked_linear",
+                  "masked_linear_backward"}
+    assert schema_ops <= {name for name, _, _ in OPCHECK_SAMPLES}
+    for name in schema_ops:
+        assert hasattr(torch.ops.maskprune, name)
+
+
+@needs_cpp
+@pytest.mark.parametrize("i", range(len(OPCHECK_SAMPLES)),
+                         ids=[f"{name}-{i}" for i, (name, _, _) in enumerate(OPCHECK_SAMPLES)])
+def test_opcheck(i):
+    name, args, kwargs = OPCHECK_SAMPLES[i]
+    torch.library.opcheck(getattr(torch.ops.maskprune, name).default, args, kwargs)
+
+
+# ============================================================================================
+# Bad input: a ValueError/TypeError naming the argument, from the public ops and the raw ops
+# ============================================================================================
+
+BAD_DENSITIES = [
+    pytest.param(0, ValueError, id="0"), pytest.param(0.0, ValueError, id="0.0"),
+    pytest.param(-0.1, ValueError, id="-0.1"), pytest.param(1.5, ValueError, id="1.5"),
+    pytest.param(1.0000001, ValueError, id="1+eps"), pytest.param(float("nan"), ValueError, id="nan"),
+    pytest.param(float("inf"), ValueError, id="inf"), pytest.param(True, TypeError, id="True"),
+    pytest.param(False, TypeError, id="False"), pytest.param("0.5", TypeError, id="str"),
+    pytest.param(None, TypeError, id="None"), pytest.param(torch.tensor(0.5), TypeError, id="tensor"),
+]
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("density,exc", BAD_DENSITIES)
+def test_bad_density_raises(device, backend, density, exc):
+    s = torch.randn(4, 5, device=device)
+    with pytest.raises(exc, match="density"):
+        maskprune.threshold(s, density, backend=backend)
+    with pytest.raises(exc, match="density"):
+        maskprune.global_threshold([s, s], density, backend=backend)
+    with pytest.raises(exc, match="density"):
+        ops.check_density(density)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("abs_scores", [True, False], ids=["abs", "raw"])
+def test_nonfinite_scores_raise(device, backend, bad, dtype, abs_scores):
+    s = torch.randn(6, 7, dtype=dtype, device=device)
+    s[3, 4] = bad
+    with pytest.raises(ValueError, match="scores.* finite"):
+        maskprune.threshold(s, 0.5, abs_scores=abs_scores, backend=backend)
+    with pytest.raises(ValueError, match="scores.* finite"):
+        maskprune.global_threshold([torch.randn(3, dtype=dtype, device=device), s], 0.5, abs_scores=abs_scores,
+                                   backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_bad_tensor_arguments_raise(device, backend):
+    kw = dict(device=device)
+    w, s, t, x, b = (torch.randn(3, 4, **kw), torch.randn(3, 4, **kw), torch.tensor(0.5, **kw),
+                     torch.randn(2, 4, **kw), torch.randn(3, **kw))
+    ml = lambda *a, **k: maskprune.masked_linear(*a, backend=backend, **k)
+    am = lambda *a, **k: maskprune.apply_mask(*a, backend=backend, **k)
+    # shapes
+    with pytest.raises(ValueError, match="scores"):
+        am(w, torch.randn(4, 3, **kw), t)
+    with pytest.raises(ValueError, match="scores"):
+        ml(x, w, torch.randn(3, 5, **kw), t)
+    with pytest.raises(ValueError, match="x's last dimension"):
+        ml(torch.randn(2, 5, **kw), w, s, t)
+    with pytest.raises(ValueError, match="x's last dimension"):
+        ml(torch.tensor(1.0, **kw), w, s, t)
+    with pytest.raises(ValueError, match="weight"):
+        ml(x, torch.randn(3, 4, 1, **kw), torch.randn(3, 4, 1, **kw), t)
+    with pytest.raises(ValueError, match="bias"):
+        ml(x, w, s, t, torch.randn(4, **kw))
+    with pytest.raises(ValueError, match="bias"):
+        ml(x, w, s, t, torch.randn(1, 3, **kw))
+    with pytest.raises(ValueError, match="t must be a 0-d"):
+        am(w, s, torch.tensor([0.5], **kw))
+    with pytest.raises(ValueError, match="scores must have at least one element"):
+        maskprune.threshold(torch.zeros(0, **kw), 0.5, backend=backend)
+    with pytest.raises(ValueError, match=r"scores_list\[1\] must have at least one element"):
+        maskprune.global_threshold([s, torch.zeros(0, 3, **kw)], 0.5, backend=backend)
+    # dtypes: integer, bool, and (for scores) half precision are refused
+    for bad in (torch.int64, torch.int32, torch.uint8, torch.bool):
+        bad_t = torch.ones(3, 4, dtype=bad, device=device)
+        with pytest.raises(TypeError, match="scores"):
+            maskprune.threshold(bad_t, 0.5, backend=backend)
+        with pytest.raises(TypeError, match=r"scores_list\[1\]"):
+            maskprune.global_threshold([s, bad_t], 0.5, backend=backend)
+        with pytest.raises(TypeError, match="weight"):
+            am(bad_t, s, t)
+        with pytest.raises(TypeError, match="scores"):
+            am(w, bad_t, t)
+        with pytest.raises(TypeError, match="weight"):
+            ml(x, bad_t, s, t)
+        with pytest.raises(TypeError, match="scores"):
+            ml(x, w, bad_t, t)
+        with pytest.raises(TypeError, match="x must"):
+            ml(torch.ones(2, 4, dtype=bad, device=device), w, s, t)
+        with pytest.raises(TypeError, match="bias must"):
+            ml(x, w, s, t, torch.ones(3, dtype=bad, device=device))
+        with pytest.raises(TypeError, match="t must"):
+            am(w, s, torch.tensor(1, device=device).to(bad))
+    for half in (torch.float16, torch.bfloat16):
+        with pytest.raises(TypeError, match="scores"):
+            maskprune.threshold(s.to(half), 0.5, backend=backend)
+        with pytest.raises(TypeError, match="scores"):
+            am(w, s.to(half), t)
+    with pytest.raises(TypeError, match=r"scores_list\[1\] must have the dtype"):
+        maskprune.global_threshold([s, s.double()], 0.5, backend=backend)
+    # not tensors at all
+    with pytest.raises(TypeError, match="scores"):
+        maskprune.threshold([0.1, 0.2], 0.5, backend=backend)
+    with pytest.raises(TypeError, match="x must"):
+        ml([[1.0] * 4], w, s, t)
+    with pytest.raises(TypeError, match="scores_list"):
+        maskprune.global_threshold(s, 0.5, backend=backend)
+    with pytest.raises(TypeError, match="scores_list"):
+        maskprune.global_threshold([], 0.5, backend=backend)
+
+
+def test_tensors_on_different_devices_raise_meta():
+    # The meta device stands in for a second device on machines without a GPU.
+    w, s, t, x = torch.randn(3, 4), torch.randn(3, 4), torch.tensor(0.5), torch.randn(2, 4)
+    meta = lambda v: v.to("meta")
+    with pytest.raises(ValueError, match="weight and scores must be on the same device"):
+        maskprune.apply_mask(meta(w), s, t)
+    with pytest.raises(ValueError, match="t and scores must be on the same device"):
+        maskprune.apply_mask(w, s, meta(t))
+    with pytest.raises(ValueError, match="x and weight must be on the same device"):
+        maskprune.masked_linear(meta(x), w, s, t)
+    with pytest.raises(ValueError, match="bias and weight must be on the same device"):
+        maskprune.masked_linear(x, w, s, t, meta(torch.randn(3)))
+    with pytest.raises(ValueError, match=r"scores_list\[1\] and scores_list\[0\] must be on the same device"):
+        maskprune.global_threshold([s, meta(s)], 0.5)
+
+
+@needs_cuda
+def test_tensors_on_different_devices_raise_cuda():
+    w, s, t, x = torch.randn(3, 4), torch.randn(3, 4), torch.tensor(0.5), torch.randn(2, 4)
+    cuda = lambda v: v.to("cuda")
+    with pytest.raises(ValueError, match="weight and scores"):
+        maskprune.apply_mask(cuda(w), s, t)
+    with pytest.raises(ValueError, match="t and scores"):
+        maskprune.apply_mask(cuda(w), cuda(s), t)
+    with pytest.raises(ValueError, match="x and weight"):
+        maskprune.masked_linear(cuda(x), w, s, t)
+    with pytest.raises(ValueError, match="bias and weight"):
+        maskprune.masked_linear(x, w, s, t, cuda(torch.randn(3)))
+    with pytest.raises(ValueError, match=r"scores_list\[1\]"):
+        maskprune.global_threshold([s, cuda(s)], 0.5)
+    if ops.HAS_CPP and "cpp" in ops.available_backends("cuda"):
+        with pytest.raises(ValueError, match="same device"):
+            torch.ops.maskprune.apply_mask(cuda(w), cuda(s), t, True)
+        with pytest.raises(ValueError, match="same device"):
+            torch.ops.maskprune.masked_linear(x, cuda(w), cuda(s), cuda(t), None, True)
+
+
+def raw_op_cases():
+    """Bad calls straight to torch.ops.maskprune.*: each must raise ValueError/TypeError, never crash."""
+    w, s, t, x = torch.randn(3, 4), torch.randn(3, 4), torch.tensor(0.5), torch.randn(2, 4)
+    i64 = lambda v: v.to(torch.int64)
+    nan = s.clone()
+    nan[1, 2] = float("nan")
+    m = lambda name: getattr(torch.ops.maskprune, name)
+    return [
+        ("threshold-empty", lambda: m("threshold")(torch.zeros(0), 0.5, True), ValueError, "at least one element"),
+        ("threshold-density2", lambda: m("threshold")(s, 2.0, True), ValueError, "density"),
+        ("threshold-density0", lambda: m("threshold")(s, 0.0, True), ValueError, "density"),
+        ("threshold-density-nan", lambda: m("threshold")(s, float("nan"), True), ValueError, "density"),
+        ("threshold-int", lambda: m("threshold")(i64(s), 0.5, True), TypeError, "scores"),
+        ("threshold-half", lambda: m("threshold")(s.half(), 0.5, True), TypeError, "scores"),
+        ("threshold-nan", lambda: m("threshold")(nan, 0.5, True), ValueError, "finite"),
+        # no tensor to dispatch on: the dispatcher itself refuses (the public op raises TypeError first)
+        ("global-empty-list", lambda: m("global_threshold")([], 0.5, True), (ValueError, NotImplementedError),
+         "at least one|no tensor arguments"),
+        ("global-mixed-dtype", lambda: m("global_threshold")([s, s.double()], 0.5, True), TypeError, "dtype"),
+        ("global-int", lambda: m("global_threshold")([s, i64(s)], 0.5, True), TypeError, "scores"),
+        ("global-empty-tensors", lambda: m("global_threshold")([torch.zeros(0)], 0.5, True), ValueError,
+         "at least one element"),
+        ("global-density", lambda: m("global_threshold")([s], -1.0, True), ValueError, "density"),
+        ("apply-shape", lambda: m("apply_mask")(w, torch.randn(4, 3), t, True), ValueError, "shape"),
+        ("apply-int-weight", lambda: m("apply_mask")(i64(w), s, t, True), TypeError, "weight"),
+        ("apply-int-scores", lambda: m("apply_mask")(w, i64(s), t, True), TypeError, "scores"),
+        ("apply-t-dtype", lambda: m("apply_mask")(w, s, t.double(), True), TypeError, "t must"),
+        ("apply-t-shape", lambda: m("apply_mask")(w, s, t.reshape(1), True), ValueError, "t must"),
+        ("score-grad-shape", lambda: m("score_grad")(torch.randn(4, 3), w, s, True), ValueError, "shape"),
+        ("score-grad-int", lambda: m("score_grad")(i64(w), w, s, True), TypeError, "grad_weight"),
+        ("score-grad_-dtype", lambda: m("score_grad_")(w.double(), w, s, True), TypeError, "grad_weight"),
+        ("score-grad_-noncontig", lambda: m("score_grad_")(torch.randn(4, 3).t(), w, s, True), ValueError,
+         "contiguous"),
+        ("linear-x-shape", lambda: m("masked_linear")(torch.randn(2, 5), w, s, t, None, True), ValueError, "x's"),
+        ("linear-x-0d", lambda: m("masked_linear")(torch.tensor(1.0), w, s, t, None, True), ValueError, "x's"),
+        ("linear-x-int", lambda: m("masked_linear")(i64(x), w, s, t, None, True), TypeError, "x"),
+        ("linear-weight-3d", lambda: m("masked_linear")(x, w[..., None], s[..., None], t, None, True), ValueError,
+         "weight"),
+        ("linear-bias-shape", lambda: m("masked_linear")(x, w, s, t, torch.randn(4), True), ValueError, "bias"),
+        ("linear-bias-int", lambda: m("masked_linear")(x, w, s, t, torch.ones(3, dtype=torch.int64), True),
+         TypeError, "bias"),
+        ("linear-scores-shape", lambda: m("masked_linear")(x, w, s.t(), t, None, True), ValueError, "scores"),
+        ("backward-grad-shape", lambda: m("masked_linear_backward")(torch.randn(2, 4), x, w, s, t, True, True, True),
+         ValueError, "grad_out"),
+        ("backward-x-int", lambda: m("masked_linear_backward")(torch.randn(2, 3), i64(x), w, s, t, True, True, True),
+         TypeError, "x"),
+    ]
+
+
+RAW_OP_CASES = raw_op_cases() if ops.HAS_CPP else []
+
+
+@needs_cpp
+@pytest.mark.parametrize("i", range(len(RAW_OP_CASES)), ids=[c[0] for c in RAW_OP_CASES])
+def test_raw_ops_reject_bad_input(i):
+    _, call, exc, match = RAW_OP_CASES[i]
+    with pytest.raises(exc, match=match):
+        call()
