@@ -21,71 +21,113 @@ constexpr int64_t kGrain = 1 << 15;
 template <typename scalar_t>
 using key_t = typename KeyBits<scalar_t>::type;
 
-template <typename scalar_t>
-inline key_t<scalar_t> key_of(scalar_t v, bool abs_scores) {
+template <typename scalar_t, bool kAbs>
+inline key_t<scalar_t> key_of(scalar_t v) {
   using K = KeyBits<scalar_t>;
   typename K::type raw;
   std::memcpy(&raw, &v, sizeof(raw));
-  return encode_key<typename K::type, K::sign>(raw, abs_scores);
+  return encode_key<typename K::type, K::sign>(raw, kAbs);
 }
 
-template <typename scalar_t>
-inline bool is_finite_bits(scalar_t v) {
+// Below this many scores a plain nth_element over a copy of the keys beats the histogram passes.
+constexpr int64_t kSmallSelect = 1 << 14;
+// Pass 2 tests blocks of this many keys with a vectorisable "any match" before gathering them.
+constexpr int64_t kGatherBlock = 64;
+
+// Number of keys whose radix prefix marks NaN/inf: the exponent bits all lie inside the prefix.
+template <typename scalar_t, bool kAbs>
+int64_t count_nonfinite(const std::vector<int64_t>& merged) {
   using K = KeyBits<scalar_t>;
-  typename K::type raw;
-  std::memcpy(&raw, &v, sizeof(raw));
-  return (raw & K::exponent) != K::exponent;
+  constexpr int shift = K::bits - kRadixBits;
+  int64_t bad = 0;
+  if (kAbs) {
+    for (int64_t b = int64_t(K::exponent >> shift); b < kBins; ++b) bad += merged[b];
+  } else {
+    for (int64_t b = int64_t((K::sign | K::exponent) >> shift); b < kBins; ++b) bad += merged[b];
+    for (int64_t b = 0; b <= int64_t((~(K::sign | K::exponent)) >> shift); ++b) bad += merged[b];
+  }
+  return bad;
 }
 
 // The n_keep-th largest key over several contiguous arrays: one histogram pass over the top
-// kRadixBits of every key, then an O(m) nth_element over the m keys that share the chosen prefix.
-template <typename scalar_t>
-scalar_t select_threshold(const std::vector<at::Tensor>& tensors, int64_t n_keep, bool abs_scores) {
+// kRadixBits of every key (32-bit per-chunk counters, so the pass runs at memory speed), then a
+// blocked gather of the keys that share the chosen prefix and an nth_element over those few.
+template <typename scalar_t, bool kAbs>
+scalar_t select_threshold(const std::vector<at::Tensor>& tensors, int64_t n, int64_t n_keep) {
   using K = KeyBits<scalar_t>;
   using U = typename K::type;
   constexpr int shift = K::bits - kRadixBits;
   const int threads = at::get_num_threads();
+  auto to_value = [](U key) {
+    const U raw = decode_key<U, K::sign>(key, kAbs);
+    scalar_t value;
+    std::memcpy(&value, &raw, sizeof(value));
+    return value;
+  };
 
-  // Pass 1: per-thread histograms of the key prefix; non-finite values are counted, not ranked.
+  if (n <= kSmallSelect) {  // small layers: one copy, one selection
+    std::vector<U> keys;
+    keys.reserve(n);
+    for (const auto& t : tensors) {
+      const scalar_t* data = t.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < t.numel(); ++i) {
+        U raw;
+        std::memcpy(&raw, &data[i], sizeof(raw));
+        TORCH_CHECK_VALUE((raw & K::exponent) != K::exponent, "scores must be finite, found NaN or inf");
+        keys.push_back(key_of<scalar_t, kAbs>(data[i]));
+      }
+    }
+    auto nth = keys.begin() + (n_keep - 1);
+    std::nth_element(keys.begin(), nth, keys.end(), std::greater<U>());
+    return to_value(*nth);
+  }
+
+  // Pass 1: histograms of the key prefix, one per thread (merged once per chunk).
   std::vector<int64_t> hist(static_cast<size_t>(threads) * kBins, 0);
-  std::vector<int64_t> nonfinite(threads, 0);
   for (const auto& t : tensors) {
     const scalar_t* data = t.data_ptr<scalar_t>();
     at::parallel_for(0, t.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      const int tid = at::get_thread_num();
-      int64_t* h = hist.data() + static_cast<size_t>(tid) * kBins;
-      int64_t bad = 0;
-      for (int64_t i = begin; i < end; ++i) {
-        bad += !is_finite_bits(data[i]);
-        h[key_of(data[i], abs_scores) >> shift] += 1;
+      int64_t* h = hist.data() + static_cast<size_t>(at::get_thread_num()) * kBins;
+      std::vector<uint32_t> local(kBins, 0);
+      for (int64_t b0 = begin; b0 < end; b0 += (int64_t{1} << 30)) {  // uint32 counters never overflow
+        const int64_t b1 = std::min(end, b0 + (int64_t{1} << 30));
+        for (int64_t i = b0; i < b1; ++i) local[key_of<scalar_t, kAbs>(data[i]) >> shift] += 1;
+        for (int64_t b = 0; b < kBins; ++b) h[b] += local[b];
+        std::fill(local.begin(), local.end(), 0u);
       }
-      nonfinite[tid] += bad;
     });
   }
-  int64_t bad = 0;
-  for (int64_t b : nonfinite) bad += b;
+  std::vector<int64_t> merged(hist.begin(), hist.begin() + kBins);
+  for (int tid = 1; tid < threads; ++tid)
+    for (int64_t b = 0; b < kBins; ++b) merged[b] += hist[static_cast<size_t>(tid) * kBins + b];
+  const int64_t bad = count_nonfinite<scalar_t, kAbs>(merged);
   TORCH_CHECK_VALUE(bad == 0, "scores must be finite, found ", bad, " NaN or inf value(s)");
 
-  // Walk the merged histogram from the top to the bin that holds the n_keep-th largest key.
+  // Walk the histogram from the top to the bin that holds the n_keep-th largest key.
   int64_t above = 0, bin = kBins - 1;
   for (; bin >= 0; --bin) {
-    int64_t count = 0;
-    for (int tid = 0; tid < threads; ++tid) count += hist[static_cast<size_t>(tid) * kBins + bin];
-    if (above + count >= n_keep) break;
-    above += count;
+    if (above + merged[bin] >= n_keep) break;
+    above += merged[bin];
   }
   TORCH_INTERNAL_ASSERT(bin >= 0, "radix select ran out of bins");
   const U prefix = static_cast<U>(bin);
 
-  // Pass 2: gather the keys of that bin (per-thread buffers) and select within them.
+  // Pass 2: gather the keys of that bin. Most blocks hold none, and the test of a whole block
+  // vectorises, so the pass costs about one read of the scores.
   std::vector<std::vector<U>> gathered(threads);
   for (const auto& t : tensors) {
     const scalar_t* data = t.data_ptr<scalar_t>();
     at::parallel_for(0, t.numel(), kGrain, [&](int64_t begin, int64_t end) {
       auto& out = gathered[at::get_thread_num()];
-      for (int64_t i = begin; i < end; ++i) {
-        const U key = key_of(data[i], abs_scores);
-        if ((key >> shift) == prefix) out.push_back(key);
+      for (int64_t b0 = begin; b0 < end; b0 += kGatherBlock) {
+        const int64_t b1 = std::min(end, b0 + kGatherBlock);
+        int any = 0;
+        for (int64_t i = b0; i < b1; ++i) any |= (key_of<scalar_t, kAbs>(data[i]) >> shift) == prefix;
+        if (!any) continue;
+        for (int64_t i = b0; i < b1; ++i) {
+          const U key = key_of<scalar_t, kAbs>(data[i]);
+          if ((key >> shift) == prefix) out.push_back(key);
+        }
       }
     });
   }
@@ -95,11 +137,7 @@ scalar_t select_threshold(const std::vector<at::Tensor>& tensors, int64_t n_keep
   TORCH_INTERNAL_ASSERT(rank >= 1 && rank <= static_cast<int64_t>(candidates.size()));
   auto nth = candidates.begin() + (rank - 1);
   std::nth_element(candidates.begin(), nth, candidates.end(), std::greater<U>());
-
-  const U raw = decode_key<U, K::sign>(*nth, abs_scores);
-  scalar_t value;
-  std::memcpy(&value, &raw, sizeof(value));
-  return value;
+  return to_value(*nth);
 }
 
 at::Tensor threshold_of(const std::vector<at::Tensor>& scores, double density, bool abs_scores) {
@@ -118,8 +156,9 @@ at::Tensor threshold_of(const std::vector<at::Tensor>& scores, double density, b
   }
   const int64_t n_keep = n_keep_for(density, n);
   return AT_DISPATCH_FLOATING_TYPES(dtype, "maskprune_threshold", [&] {
-    return at::scalar_tensor(select_threshold<scalar_t>(contiguous, n_keep, abs_scores),
-                             at::TensorOptions().dtype(dtype));
+    const scalar_t t = abs_scores ? select_threshold<scalar_t, true>(contiguous, n, n_keep)
+                                  : select_threshold<scalar_t, false>(contiguous, n, n_keep);
+    return at::scalar_tensor(t, at::TensorOptions().dtype(dtype));
   });
 }
 
