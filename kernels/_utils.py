@@ -1,0 +1,79 @@
+"""Shared pieces of the Triton kernels: interpreter detection, input checks, and the mask/sign helpers."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once, as Triton does when it decorates the kernels: under the interpreter they run on CPU
+# tensors, autotune must get a single config, and bf16 tiles are upcast before any arithmetic.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SCORE_DTYPES = (torch.float32, torch.float64)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.float32 -> "float32", as error messages name dtypes."""
+    return str(dtype).replace("torch.", "")
+
+
+def dtype_names(dtypes) -> str:
+    """The accepted dtypes, comma-separated, for an error message."""
+    return ", ".join(dtype_name(d) for d in dtypes)
+
+
+def check_tensor(name: str, tensor, dtypes, ndim: int | None = None) -> None:
+    """Raise TypeError/ValueError naming `name` unless it is a tensor of one of `dtypes` (and `ndim` dims)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {dtype_name(tensor.dtype)}; "
+                        f"accepted: {dtype_names(dtypes)}")
+    if ndim is not None and tensor.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(tensor.shape)}")
+
+
+def check_threshold(t, scores: torch.Tensor) -> None:
+    """t: a 0-d tensor of the scores' dtype on the scores' device (read by the kernel, never synced to host)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be a 0-d torch.Tensor on the scores' device, got {type(t).__name__}")
+    if t.dim() != 0:
+        raise ValueError(f"t must be a 0-d tensor, got shape {tuple(t.shape)}")
+    if t.dtype != scores.dtype:
+        raise TypeError(f"t has dtype {dtype_name(t.dtype)}; accepted: the scores' dtype "
+                        f"({dtype_name(scores.dtype)})")
+
+
+def check_devices(**tensors) -> torch.device:
+    """All tensors on one device, and one that Triton can run on (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    named = [(name, tensor) for name, tensor in tensors.items() if tensor is not None]
+    device = named[0][1].device
+    for name, tensor in named[1:]:
+        if tensor.device != device:
+            raise ValueError(f"devices differ: {named[0][0]} is on {device}, {name} is on {tensor.device}")
+    if device.type != "cuda" and not (INTERPRET and device.type == "cpu"):
+        raise ValueError(f"Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
+                         f"got tensors on {device}")
+    return device
+
+
+@triton.jit
+def keep_mask(scores, t, ABS_SCORES: tl.constexpr):
+    """1[key >= t] with key = |S| or S; NaN scores are never kept (as in the reference)."""
+    key = scores  # one return per jit function: Triton's compiler also visits code after a static-if return
+    if ABS_SCORES:
+        key = tl.abs(scores)
+    return key >= t
+
+
+@triton.jit
+def sign_of(x):
+    """torch.sign: -1, 0 or 1 in x's dtype, NaN stays NaN."""
+    one = tl.full(x.shape, 1, x.dtype)
+    zero = tl.zeros(x.shape, x.dtype)
+    sign = tl.where(x > 0, one, tl.where(x < 0, -one, zero))
+    return tl.where(x == x, sign, x)
