@@ -1,0 +1,4 @@
+"""`python -m maskprune ...` is the `maskprune` command."""
+from .cli import main
+
+main()

@@ -1,0 +1,152 @@
+"""The `maskprune` command: parses and validates, then calls the trainer, the evaluator or the data fetcher.
+
+Bad input ends with exit code 2 and one line on stderr naming the flag (or config key) and what is
+accepted; nothing is written before every check has passed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from . import data as datasets
+from . import models, ops
+from .train import CHOICES, ConfigError, TrainConfig, load_config_file, read_checkpoint, train, validate
+
+HELP = {
+    "model": "network name: " + ", ".join(models.available()),
+    "dataset": ", ".join(datasets.DATASETS),
+    "mode": "mask (learn scores over frozen random weights) or dense (train the weights)",
+    "density": "fraction of weights kept, in (0, 1]",
+    "policy": "top-k per layer (layerwise) or over all layers (global)",
+    "weight_init": "frozen random weights: " + ", ".join(CHOICES["weight_init"]),
+    "score_init": "initial scores: " + ", ".join(CHOICES["score_init"]),
+    "scale_fan": "weight std as if the fan-in were density * fan-in",
+    "width": "multiplies every hidden width", "widths": "hidden widths of the mlp model, e.g. 1000,1000",
+    "optimizer": "sgd or adam", "lr": "peak learning rate (cosine decay to 0 per step)",
+    "nesterov": "Nesterov momentum (sgd)", "warmup_epochs": "linear warm-up epochs before the cosine",
+    "amp": "bf16 autocast on CUDA (never on CPU)", "seed": "weights, scores and batch order; CPU runs repeat",
+    "device": "auto, cpu, cuda or cuda:N", "backend": "mask-op backend: auto, " + ", ".join(ops.BACKENDS),
+    "threads": "CPU threads of this process (0 = torch's default)",
+    "limit_train": "train on the first N training examples only (0 = all)",
+    "data_root": "dataset cache (default: $MASKPRUNE_DATA or ~/.cache/maskprune)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message: str):  # noqa: D102
+        fail(message)
+
+
+def fail(message: str, code: int = 2):
+    print(f"maskprune: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; defaults are None so that given flags override the config file."""
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        help_text = HELP.get(f.name, "") + f" (default: {f.default!r})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="maskprune", description="Mask training over frozen random networks (edge-popup).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p_train = sub.add_parser("train", help="learn masks (or train densely) on a dataset")
+    _add_config_flags(p_train)
+    p_train.add_argument("--config", help="TOML file of options; flags override it")
+    p_train.add_argument("--out", help="run folder (default: runs/<model>-<dataset>-<mode>)")
+    p_train.add_argument("--resume", metavar="RUN/last.pt",
+                         help="continue a stopped run (its settings are the defaults; --out defaults to RUN)")
+    p_train.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
+    p_train.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+
+    p_eval = sub.add_parser("eval", help="re-evaluate a saved run on its validation and test sets")
+    p_eval.add_argument("run_dir")
+    p_eval.add_argument("--device", help="where to evaluate (default: the run's device, or cpu without a GPU)")
+
+    p_data = sub.add_parser("datasets", help="list datasets; `datasets fetch NAME` fetches and verifies one")
+    p_data.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
+    p_data.add_argument("name", nargs="?")
+
+    p_demo = sub.add_parser("demo", help="mask vs dense lenet300 on MNIST, with a table and a plot")
+    p_demo.add_argument("--epochs", type=int, default=10)
+    p_demo.add_argument("--out", default="runs/demo")
+    p_demo.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's config: the resumed checkpoint's settings, then the --config file, then the flags given."""
+    values = dict(read_checkpoint(args.resume)["config"]) if args.resume else {}
+    values.update(load_config_file(args.config) if args.config else {})
+    for f in dataclasses.fields(TrainConfig):
+        given = getattr(args, f.name)
+        if given is not None:
+            values[f.name] = given
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return validate(TrainConfig(**{k: v for k, v in values.items() if k in known}))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    cfg = config_from_args(args)
+    if args.resume:
+        out = args.out or str(Path(args.resume).parent)
+    else:
+        out = args.out or f"runs/{cfg.model}-{cfg.dataset}-{cfg.mode}"
+    summary = train(cfg, out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    if not args.quiet:
+        print(json.dumps(summary, indent=2))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate_run
+
+    run = Path(args.run_dir)
+    if not (run / "config.toml").is_file():
+        fail(f"run_dir: {run} holds no config.toml (not a maskprune run folder)")
+    print(json.dumps(evaluate_run(run, device=args.device), indent=2))
+
+
+def cmd_datasets(args: argparse.Namespace) -> None:
+    if args.action == "fetch":
+        if args.name not in datasets.DATASETS:
+            fail(f"datasets fetch: NAME must be one of {', '.join(datasets.DATASETS)}, got {args.name!r}")
+        print(datasets.fetch(args.name))
+        return
+    for row in datasets.status():
+        print(f"{row['name']:15s} {'present' if row['present'] else 'absent ':8s} {row['source']}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    if args.epochs < 1:
+        fail(f"--epochs must be >= 1, got {args.epochs}")
+    run_demo(Path(args.out), epochs=args.epochs, quiet=args.quiet)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    commands = {"train": cmd_train, "eval": cmd_eval, "datasets": cmd_datasets, "demo": cmd_demo}
+    try:
+        commands[args.command](args)
+    except ConfigError as err:
+        fail(str(err))
+    except (datasets.DatasetUnavailable, datasets.ChecksumError) as err:
+        fail(str(err).replace("\n", " "))
+
+
+if __name__ == "__main__":
+    main()

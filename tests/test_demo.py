@@ -1,0 +1,39 @@
+"""`make demo` end to end on a small slice of MNIST: the table, the curves PNG and demo.json."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from maskprune import cli
+from maskprune import data as datasets
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """Runs set torch's thread count (--threads); give the next test file the count it started with."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_demo_prints_table_and_writes_png(tmp_path, capsys, monkeypatch):
+    full = datasets.load("mnist")
+    small = dataclasses.replace(full, **{k: getattr(full, k)[:600] for k in
+                                         ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")})
+    monkeypatch.setattr(datasets, "load", lambda name, root=None: small)
+    cli.main(["demo", "--epochs", "2", "--out", str(tmp_path / "demo"), "--quiet"])
+    out = capsys.readouterr().out
+    table = out[out.index("lenet300 / MNIST"):].splitlines()
+    assert table[1].startswith("mask (density 0.5)") and table[2].startswith("dense")
+    assert "133,100 / 266,200" in table[1] and "266,200 / 266,200" in table[2]
+    png = (tmp_path / "demo" / "val_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    summaries = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert {s["mode"] for s in summaries.values()} == {"mask", "dense"}
+    assert all(s["epochs"] == 2 and s["threads"] == 1 for s in summaries.values())
+    # a second demo replaces the first one's runs
+    cli.main(["demo", "--epochs", "1", "--out", str(tmp_path / "demo"), "--quiet"])
+    assert len((tmp_path / "demo" / "mask" / "metrics.jsonl").read_text().splitlines()) == 1
