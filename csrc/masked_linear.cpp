@@ -77,8 +77,10 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad
     grad_x = at::matmul(g, call_apply_mask(weight, scores, t, abs_scores, x.scalar_type()));
   }
   if (need_grad_scores) {
-    const auto g2d = g.reshape({-1, out_features});
-    const auto x2d = x.reshape({-1, in_features});
+    // reshape(-1, 0) is ambiguous: spell the rows out (the product of the leading dimensions).
+    const int64_t rows = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
+    const auto g2d = g.reshape({rows, out_features});
+    const auto x2d = x.reshape({rows, in_features});
     grad_scores = call_score_grad(at::mm(g2d.t(), x2d), weight, scores, abs_scores);
   }
   return {grad_x, grad_scores};
