@@ -16,7 +16,7 @@ $(STAMP): $(SOURCES)
 	@mkdir -p .stamps && touch $@
 
 test: install
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -rs tests
 
 demo: install
 	$(PYTHON) -m maskprune demo

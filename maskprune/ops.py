@@ -23,7 +23,13 @@ SCORE_DTYPES = (torch.float32, torch.float64)
 # --------------------------------------------------------------------------------------------
 
 def check_density(density: float, name: str = "density") -> float:
-    """A density is the fraction of weights kept: a real number in (0, 1]."""
+    """A density is the fraction of weights kept: a real number in (0, 1].
+
+    While torch.compile traces, a density may be a symbolic float (after a recompile for another
+    value) that cannot be tested in Python; it was checked where the layer was made.
+    """
+    if torch.compiler.is_compiling():
+        return density
     if isinstance(density, bool) or not isinstance(density, (int, float)):
         raise TypeError(f"{name} must be a float in (0, 1], got {type(density).__name__}")
     density = float(density)

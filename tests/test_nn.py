@@ -220,3 +220,14 @@ def test_compile_fullgraph(backend):
     torch.testing.assert_close(out, expected)
     out.sum().backward()
     assert all(m.scores.grad is not None for m in model if isinstance(m, MaskedLinear))
+
+
+def test_compile_fullgraph_after_recompiles_for_other_densities():
+    # A recompile for another density makes dynamo trace the density as a symbolic float; the
+    # Python-side checks must not break the graph then.
+    torch._dynamo.reset()
+    x = torch.randn(3, 12)
+    for density in (0.5, 0.3, 0.7):
+        layer = MaskedLinear(12, 4, density=density)
+        out = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+        torch.testing.assert_close(out, layer(x))
