@@ -77,8 +77,13 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=3, help="steps per variant per round")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default="results/bench_cpu/results.json")
     args = parser.parse_args()
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     widths = [int(w) for w in args.widths.split(",")]
     torch.manual_seed(0)
     x, y = torch.randn(args.batch, widths[0]), torch.randint(0, widths[-1], (args.batch,))

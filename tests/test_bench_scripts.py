@@ -1,0 +1,41 @@
+"""The benchmark scripts stay runnable: a tiny CPU run of bench_cpu, and bench_kernels' refusal without a GPU.
+
+Timings are never asserted here (they belong to the benchmarks); only that the scripts run and write
+what they promise.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_cpu_tiny_run_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_cpu.py"), "--widths", "16,32,4",
+                           "--batch", "8", "--rounds", "2", "--steps", "1", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    names = [row["variant"] for row in result["rows"]]
+    assert names[0] == "dense" and len(names) == 4
+    assert all(row["median_ms"] > 0 for row in result["rows"])
+    assert "x dense" in proc.stdout
+
+
+def test_bench_cpu_rejects_bad_threads(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_cpu.py"), "--threads", "-1",
+                           "--out", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--threads" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a CUDA GPU")
+def test_bench_kernels_exits_2_without_gpu(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_kernels.py")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "GPU" in proc.stderr or "CUDA" in proc.stderr
