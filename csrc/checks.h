@@ -49,6 +49,26 @@ inline void check_mask_args(const at::Tensor& weight, const at::Tensor& scores, 
   check_same_device(t, "t", scores, "scores");
 }
 
+inline void check_score_grad_args(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& scores) {
+  check_float(grad_weight, "grad_weight");
+  check_float(weight, "weight");
+  check_scores(scores);
+  TORCH_CHECK_VALUE(weight.sizes() == scores.sizes() && grad_weight.sizes() == scores.sizes(),
+                    "grad_weight, weight and scores must share one shape, got ", grad_weight.sizes(), ", ",
+                    weight.sizes(), " and ", scores.sizes());
+  check_same_device(grad_weight, "grad_weight", scores, "scores");
+  check_same_device(weight, "weight", scores, "scores");
+}
+
+// score_grad_ writes dS over grad_weight: it must already have the scores' dtype and be contiguous.
+inline void check_score_grad_inplace_args(const at::Tensor& grad_weight, const at::Tensor& weight,
+                                          const at::Tensor& scores) {
+  check_score_grad_args(grad_weight, weight, scores);
+  TORCH_CHECK_TYPE(grad_weight.scalar_type() == scores.scalar_type(), "grad_weight must have the scores' dtype ",
+                   scores.scalar_type(), " to take dS in place, got ", grad_weight.scalar_type());
+  TORCH_CHECK_VALUE(grad_weight.is_contiguous(), "grad_weight must be contiguous to take dS in place");
+}
+
 // Order-preserving map from a float's bits to an unsigned integer key: a > b  <=>  key(a) > key(b).
 template <typename scalar_t> struct KeyBits;
 template <> struct KeyBits<float> {

@@ -224,17 +224,6 @@ at::Tensor apply_mask_cpu(const at::Tensor& weight, const at::Tensor& scores, co
   return out;
 }
 
-void check_score_grad_args(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& scores) {
-  check_float(grad_weight, "grad_weight");
-  check_float(weight, "weight");
-  check_scores(scores);
-  TORCH_CHECK_VALUE(weight.sizes() == scores.sizes() && grad_weight.sizes() == scores.sizes(),
-                    "grad_weight, weight and scores must share one shape, got ", grad_weight.sizes(), ", ",
-                    weight.sizes(), " and ", scores.sizes());
-  check_same_device(grad_weight, "grad_weight", scores, "scores");
-  check_same_device(weight, "weight", scores, "scores");
-}
-
 // dS into `out` (scores' dtype, contiguous); `out` may alias grad_weight when their dtypes match.
 void score_grad_into(const at::Tensor& g, const at::Tensor& w, const at::Tensor& s, at::Tensor& out,
                      bool abs_scores) {
@@ -267,11 +256,8 @@ at::Tensor score_grad_cpu(const at::Tensor& grad_weight, const at::Tensor& weigh
 
 // In-place variant for a freshly computed weight gradient: saves one weight-sized buffer per step.
 void score_grad_inplace_cpu(at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& scores,
-                                   bool abs_scores) {
-  check_score_grad_args(grad_weight, weight, scores);
-  TORCH_CHECK_TYPE(grad_weight.scalar_type() == scores.scalar_type(), "grad_weight must have the scores' dtype ",
-                   scores.scalar_type(), " to take dS in place, got ", grad_weight.scalar_type());
-  TORCH_CHECK_VALUE(grad_weight.is_contiguous(), "grad_weight must be contiguous to take dS in place");
+                            bool abs_scores) {
+  check_score_grad_inplace_args(grad_weight, weight, scores);
   score_grad_into(grad_weight, weight.contiguous(), scores.contiguous(), grad_weight, abs_scores);
 }
 

@@ -366,15 +366,9 @@ at::Tensor apply_mask_cuda(const at::Tensor& weight, const at::Tensor& scores, c
   return out;
 }
 
-void check_score_grad_args(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& scores) {
-  check_float(grad_weight, "grad_weight");
-  check_float(weight, "weight");
-  check_scores(scores);
-  TORCH_CHECK_VALUE(weight.sizes() == scores.sizes() && grad_weight.sizes() == scores.sizes(),
-                    "grad_weight, weight and scores must share one shape, got ", grad_weight.sizes(), ", ",
-                    weight.sizes(), " and ", scores.sizes());
-  check_same_device(grad_weight, "grad_weight", scores, "scores");
-  check_same_device(weight, "weight", scores, "scores");
+// The shared checks of csrc/checks.h, plus: the scores live on a CUDA device.
+void check_score_grad_args_cuda(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& scores) {
+  check_score_grad_args(grad_weight, weight, scores);
   check_cuda(scores, "scores");
 }
 
@@ -410,7 +404,7 @@ void score_grad_into(const at::Tensor& g, const at::Tensor& w, const at::Tensor&
 
 at::Tensor score_grad_cuda(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& scores,
                            bool abs_scores) {
-  check_score_grad_args(grad_weight, weight, scores);
+  check_score_grad_args_cuda(grad_weight, weight, scores);
   const c10::cuda::CUDAGuard guard(scores.device());
   auto s = scores.contiguous();
   auto out = at::empty(s.sizes(), s.options());
@@ -422,10 +416,8 @@ at::Tensor score_grad_cuda(const at::Tensor& grad_weight, const at::Tensor& weig
 // Schema: score_grad_(Tensor(a!) grad_weight, ...) -> () (the same C++ signature as the CPU kernel's).
 void score_grad_inplace_cuda(at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& scores,
                              bool abs_scores) {
-  check_score_grad_args(grad_weight, weight, scores);
-  TORCH_CHECK_TYPE(grad_weight.scalar_type() == scores.scalar_type(), "grad_weight must have the scores' dtype ",
-                   scores.scalar_type(), " to take dS in place, got ", grad_weight.scalar_type());
-  TORCH_CHECK_VALUE(grad_weight.is_contiguous(), "grad_weight must be contiguous to take dS in place");
+  check_score_grad_inplace_args(grad_weight, weight, scores);
+  check_cuda(scores, "scores");
   const c10::cuda::CUDAGuard guard(scores.device());
   score_grad_into(grad_weight, weight.contiguous(), scores.contiguous(), grad_weight, abs_scores);
 }
