@@ -1,0 +1,142 @@
+"""Helpers the experiment scripts share: threads, seeds, the environment record, incremental results.json.
+
+`Results` keeps one run's record ({config, environment, points, ...}) and rewrites
+results/<script>/<run>/results.json atomically after every point, so a run that is cut off still
+leaves every finished point on disk (status "running"; "done" once finished).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import maskprune
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def setup_threads(n: int) -> None:
+    """Intra-op threads. On a shared CPU one thread is often much faster than several (no OpenMP stalls)."""
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def environment(device: torch.device | str = "cpu") -> dict:
+    """Where and with what the numbers were made."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    return {
+        "device": str(device), "device_name": name, "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "platform": platform.platform(), "torch": torch.__version__, "numpy": np.__version__,
+        "maskprune": maskprune.__version__,
+        "mask_backend": maskprune.ops.resolve_backend("auto", device).name,
+        "argv": sys.argv,
+    }
+
+
+def run_dir(script: str, run: str | None, out: str | None) -> Path:
+    """results/<script>/<run>/ unless --out names another folder."""
+    if out:
+        return Path(out)
+    run = run or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return REPO / "results" / script / run
+
+
+class Results:
+    """One run's results.json, rewritten after every point."""
+
+    def __init__(self, folder: Path, config: dict, device: torch.device | str = "cpu"):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / "results.json"
+        self.t0 = time.perf_counter()
+        self.record = {
+            "config": config, "environment": environment(device),
+            "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "status": "running", "wall_time_s": 0.0, "points": [],
+        }
+        self.write()
+
+    @property
+    def points(self) -> list[dict]:
+        return self.record["points"]
+
+    def add(self, point: dict) -> None:
+        self.points.append(point)
+        self.write()
+
+    def write(self, status: str | None = None) -> None:
+        if status is not None:
+            self.record["status"] = status
+        self.record["wall_time_s"] = round(time.perf_counter() - self.t0, 2)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.record, indent=1))
+        os.replace(tmp, self.path)
+
+    def finish(self, **extra) -> None:
+        self.record.update(extra)
+        self.record["finished_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.write("done")
+
+
+def mean_std(values) -> tuple[float, float]:
+    a = np.asarray(list(values), dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def parse_list(text: str, kind=float) -> list:
+    return [kind(v) for v in str(text).split(",") if v.strip()]
+
+
+def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
+        epochs: int, batch_size: int, loss_fn, seed: int) -> float:
+    """Minibatch training with the trainer's per-step cosine schedule; returns the last epoch's mean loss.
+
+    The order of examples depends only on (seed, epoch), as in maskprune.train.
+    """
+    from maskprune.train import lr_factor
+
+    steps_per_epoch = -(-len(x) // batch_size)
+    total = epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, 0))
+    model.train()
+    loss_sum, seen = 0.0, 0
+    for epoch in range(epochs):
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        loss_sum, seen = 0.0, 0
+        for step in range(steps_per_epoch):
+            idx = order[step * batch_size:(step + 1) * batch_size]
+            xb, yb = x[idx], y[idx]
+            loss = loss_fn(model(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * len(idx)
+            seen += len(idx)
+            if not np.isfinite(loss_sum):
+                return float("nan")
+    return loss_sum / max(seen, 1)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+    model.eval()
+    out = torch.cat([model(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)])
+    model.train()
+    return out

@@ -1,0 +1,48 @@
+"""scripts/edge_popup_sweep.py --quick runs end to end: trainer runs for lenet300, conv4, global top-k, JSON + PNG."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "edge_popup_sweep.py"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("edge_popup_sweep")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_writes_results_and_png(quick_run):
+    record = json.loads((quick_run / "results.json").read_text())
+    assert record["status"] == "done" and record["wall_time_s"] > 0
+    assert record["environment"]["device"] == "cpu" and record["environment"]["torch"]
+    assert record["config"]["quick"] is True
+    assert (quick_run / "edge_popup_sweep.png").stat().st_size > 10_000
+
+
+def test_grid_points(quick_run):
+    record = json.loads((quick_run / "results.json").read_text())
+    cfg = record["config"]
+    pts = record["points"]
+    lenet_mask = {(p["density"], p["init"], p["width"], p["seed"]) for p in pts
+                  if p["net"] == "lenet300" and p["mode"] == "mask" and p["policy"] == "layerwise"}
+    assert lenet_mask == {(d, i, w, s) for d in cfg["densities"] for i in cfg["inits"] for w in cfg["widths"]
+                          for s in cfg["seeds"]}
+    assert {p["net"] for p in pts if p["mode"] == "dense"} == {"lenet300", "conv4"}
+    assert {p["density"] for p in pts if p["policy"] == "global"} == set(cfg["global_densities"])
+    for p in pts:
+        assert 0 <= p["test_acc"] <= 1 and "seed" in p
+        if p["mode"] == "mask":
+            assert p["kept_weights"] / p["total_weights"] == pytest.approx(p["density"], abs=0.01)
+        else:
+            assert p["kept_weights"] == p["total_weights"]
+    assert all(p["via"] == "maskprune.train.train" for p in pts if p["net"] == "lenet300")
+    rows = record["summary"]
+    assert all(r["gap_to_dense"] is not None for r in rows)
