@@ -149,8 +149,13 @@ register_backend(Backend(
 # Autograd formulas shared by every op-level backend (cpp, triton): the straight-through estimator
 # --------------------------------------------------------------------------------------------
 
-def register_apply_mask_autograd(op, score_grad_op: Callable) -> None:
-    """Autograd of an apply_mask(weight, scores, t, abs_scores, ...) op: dS = score_grad_op(g, W, S)."""
+def register_apply_mask_autograd(op, score_grad_op: Callable, score_grad_inplace_op: Callable | None = None) -> None:
+    """Autograd of an apply_mask(weight, scores, t, abs_scores, ...) op: dS = score_grad_op(g, W, S).
+
+    With `score_grad_inplace_op`, dS is written over the incoming gradient when it is a plain
+    contiguous buffer of the scores' dtype and no graph of the backward is being built. Only for ops
+    whose output is private to a layer (masked_weight): a user could hold the gradient of apply_mask.
+    """
 
     def setup_context(ctx, inputs, output):
         weight, scores, t, abs_scores, *_ = inputs
@@ -159,7 +164,15 @@ def register_apply_mask_autograd(op, score_grad_op: Callable) -> None:
 
     def backward(ctx, grad):
         weight, scores = ctx.saved_tensors
-        grad_scores = score_grad_op(grad, weight, scores, ctx.abs_scores) if ctx.needs_input_grad[1] else None
+        grad_scores = None
+        if ctx.needs_input_grad[1]:
+            if (score_grad_inplace_op is not None and not torch.is_grad_enabled()
+                    and not torch.compiler.is_compiling() and grad.dtype == scores.dtype
+                    and grad.device == scores.device and grad.is_contiguous()):
+                score_grad_inplace_op(grad, weight, scores, ctx.abs_scores)
+                grad_scores = grad
+            else:
+                grad_scores = score_grad_op(grad, weight, scores, ctx.abs_scores)
         return (None, grad_scores) + (None,) * (len(ctx.needs_input_grad) - 2)
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
@@ -255,19 +268,25 @@ if HAS_CPP:
         grad_scores = scores.new_empty(scores.shape) if need_grad_scores else scores.new_empty((0,))
         return grad_x, grad_scores
 
+    @torch.library.register_fake(_lib + "masked_weight")
+    def _(weight, scores, t, abs_scores, dtype=None):
+        return weight.new_empty(weight.shape, dtype=dtype or weight.dtype)
+
     register_apply_mask_autograd(_lib + "apply_mask", torch.ops.maskprune.score_grad)
+    register_apply_mask_autograd(_lib + "masked_weight", torch.ops.maskprune.score_grad,
+                                 torch.ops.maskprune.score_grad_)
 
     def _cpp_masked_linear(x, weight, scores, t, bias, abs_scores):
         """masked_linear on the cpp backend.
 
         On CPU it runs as the fused mask pass followed by ATen's linear, so that autograd keeps the
         masked weight from the forward pass for dX instead of masking again in the backward (one
-        pass over W, S and W ⊙ M less per step); dS is still one fused pass over the weight-gradient
-        GEMM's output. On CUDA the masked_linear op runs (fused GEMMs where they are built).
+        pass over W, S and W ⊙ M less per step); dS is one fused pass written over the weight-gradient
+        GEMM's output (no fresh weight-sized buffer). On CUDA the masked_linear op runs (fused GEMMs where they are built).
         """
         if x.device.type != "cpu":
             return torch.ops.maskprune.masked_linear(x, weight, scores, t, bias, abs_scores)
-        w_eff = torch.ops.maskprune.apply_mask(weight, scores, t, abs_scores, x.dtype)
+        w_eff = torch.ops.maskprune.masked_weight(weight, scores, t, abs_scores, x.dtype)
         return torch.nn.functional.linear(x, w_eff, None if bias is None else bias.to(x.dtype))
     register_masked_linear_autograd(_lib + "masked_linear", torch.ops.maskprune.masked_linear_backward)
 

@@ -635,6 +635,8 @@ def opcheck_samples():
         ("apply_mask", (w, s, t, True), {}),
         ("apply_mask", (w, r(5, 7, rg=True), t, True), {}),
         ("apply_mask", (w.to(torch.bfloat16), r(5, 7, rg=True), t_raw, False), {"dtype": torch.float32}),
+        ("masked_weight", (w, r(5, 7, rg=True), t, True), {}),
+        ("masked_weight", (w.to(torch.bfloat16), r(5, 7, rg=True), t_raw, False), {"dtype": torch.bfloat16}),
         ("apply_mask", (w64, r(4, 6, dtype=torch.float64, rg=True), t64, True), {}),
         ("apply_mask", (w.t().contiguous().t(), s, t, True), {"dtype": torch.float16}),
         ("score_grad", (r(5, 7), w, s, True), {}),
@@ -659,8 +661,8 @@ OPCHECK_SAMPLES = opcheck_samples() if ops.HAS_CPP else []
 
 @needs_cpp
 def test_opcheck_covers_every_op():
-    schema_ops = {"threshold", "global_threshold", "apply_mask", "score_grad", "score_grad_", "masked_linear",
-                  "masked_linear_backward"}
+    schema_ops = {"threshold", "global_threshold", "apply_mask", "masked_weight", "score_grad", "score_grad_",
+                  "masked_linear", "masked_linear_backward"}
     assert schema_ops <= {name for name, _, _ in OPCHECK_SAMPLES}
     for name in schema_ops:
         assert hasattr(torch.ops.maskprune, name)

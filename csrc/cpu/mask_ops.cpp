@@ -267,6 +267,7 @@ TORCH_LIBRARY_IMPL(maskprune, CPU, m) {
   m.impl("threshold", &threshold_cpu);
   m.impl("global_threshold", &global_threshold_cpu);
   m.impl("apply_mask", &apply_mask_cpu);
+  m.impl("masked_weight", &apply_mask_cpu);
   m.impl("score_grad", &score_grad_cpu);
   m.impl("score_grad_", &score_grad_inplace_cpu);
 }

@@ -428,6 +428,7 @@ TORCH_LIBRARY_IMPL(maskprune, CUDA, m) {
   m.impl("threshold", &threshold_cuda);
   m.impl("global_threshold", &global_threshold_cuda);
   m.impl("apply_mask", &apply_mask_cuda);
+  m.impl("masked_weight", &apply_mask_cuda);
   m.impl("score_grad", &score_grad_cuda);
   m.impl("score_grad_", &score_grad_inplace_cuda);
 }
