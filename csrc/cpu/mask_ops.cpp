@@ -50,7 +50,7 @@ int64_t count_nonfinite(const std::vector<int64_t>& merged) {
 }
 
 // The n_keep-th largest key over several contiguous arrays: one histogram pass over the top
-// kRadixBits of every key (32-bit per-chunk counters, so the pass runs at memory speed), then a
+// kRadixBits of every key (32-bit per-thread counters, so the pass runs at memory speed), then a
 // blocked gather of the keys that share the chosen prefix and an nth_element over those few.
 template <typename scalar_t, bool kAbs>
 scalar_t select_threshold(const std::vector<at::Tensor>& tensors, int64_t n, int64_t n_keep) {
@@ -82,24 +82,39 @@ scalar_t select_threshold(const std::vector<at::Tensor>& tensors, int64_t n, int
     return to_value(*nth);
   }
 
-  // Pass 1: histograms of the key prefix, one per thread (merged once per chunk).
-  std::vector<int64_t> hist(static_cast<size_t>(threads) * kBins, 0);
+  // Pass 1: one uint32 histogram of the key prefix per thread. The buffers belong to the calling
+  // thread and live across calls (no allocation or page faults on the hot path; the workers get a
+  // plain pointer, never the thread_local itself). Slices of < 2^31 keys keep the counters exact.
+  static thread_local std::vector<uint32_t> counts;
+  static thread_local std::vector<int64_t> merged;
+  counts.assign(static_cast<size_t>(threads) * kBins, 0u);
+  merged.assign(kBins, 0);
+  uint32_t* const counts_base = counts.data();
+  auto flush = [&] {
+    for (int tid = 0; tid < threads; ++tid) {
+      uint32_t* c = counts_base + static_cast<size_t>(tid) * kBins;
+      for (int64_t b = 0; b < kBins; ++b) merged[b] += c[b];
+      std::fill(c, c + kBins, 0u);
+    }
+  };
+  constexpr int64_t kSlice = int64_t{1} << 31;
+  int64_t since_flush = 0;
   for (const auto& t : tensors) {
     const scalar_t* data = t.data_ptr<scalar_t>();
-    at::parallel_for(0, t.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      int64_t* h = hist.data() + static_cast<size_t>(at::get_thread_num()) * kBins;
-      std::vector<uint32_t> local(kBins, 0);
-      for (int64_t b0 = begin; b0 < end; b0 += (int64_t{1} << 30)) {  // uint32 counters never overflow
-        const int64_t b1 = std::min(end, b0 + (int64_t{1} << 30));
-        for (int64_t i = b0; i < b1; ++i) local[key_of<scalar_t, kAbs>(data[i]) >> shift] += 1;
-        for (int64_t b = 0; b < kBins; ++b) h[b] += local[b];
-        std::fill(local.begin(), local.end(), 0u);
+    for (int64_t s0 = 0; s0 < t.numel(); s0 += kSlice) {
+      const int64_t s1 = std::min(t.numel(), s0 + kSlice);
+      if (since_flush + (s1 - s0) >= kSlice) {
+        flush();
+        since_flush = 0;
       }
-    });
+      at::parallel_for(s0, s1, kGrain, [&](int64_t begin, int64_t end) {
+        uint32_t* c = counts_base + static_cast<size_t>(at::get_thread_num()) * kBins;
+        for (int64_t i = begin; i < end; ++i) c[key_of<scalar_t, kAbs>(data[i]) >> shift] += 1;
+      });
+      since_flush += s1 - s0;
+    }
   }
-  std::vector<int64_t> merged(hist.begin(), hist.begin() + kBins);
-  for (int tid = 1; tid < threads; ++tid)
-    for (int64_t b = 0; b < kBins; ++b) merged[b] += hist[static_cast<size_t>(tid) * kBins + b];
+  flush();
   const int64_t bad = count_nonfinite<scalar_t, kAbs>(merged);
   TORCH_CHECK_VALUE(bad == 0, "scores must be finite, found ", bad, " NaN or inf value(s)");
 
