@@ -69,6 +69,31 @@ inline void check_score_grad_inplace_args(const at::Tensor& grad_weight, const a
   TORCH_CHECK_VALUE(grad_weight.is_contiguous(), "grad_weight must be contiguous to take dS in place");
 }
 
+// masked_linear and its backward (the composite in masked_linear.cpp and the CUDA kernels).
+inline void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores,
+                              const at::Tensor& t) {
+  check_mask_args(weight, scores, t);
+  check_float(x, "x");
+  check_same_device(x, "x", weight, "weight");
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (out_features, in_features), got shape ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == weight.size(1), "x's last dimension must equal in_features=",
+                    weight.size(1), ", got shape ", x.sizes());
+}
+
+inline void check_linear_bias(const at::Tensor& bias, const at::Tensor& weight) {
+  check_float(bias, "bias");
+  check_same_device(bias, "bias", weight, "weight");
+  TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == weight.size(0),
+                    "bias must have shape (out_features=", weight.size(0), ",), got ", bias.sizes());
+}
+
+inline void check_linear_grad_out(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight) {
+  check_same_device(grad_out, "grad_out", x, "x");
+  TORCH_CHECK_VALUE(grad_out.dim() == x.dim() && grad_out.size(-1) == weight.size(0),
+                    "grad_out must have shape (..., out_features=", weight.size(0), "), got ", grad_out.sizes());
+}
+
 // Order-preserving map from a float's bits to an unsigned integer key: a > b  <=>  key(a) > key(b).
 template <typename scalar_t> struct KeyBits;
 template <> struct KeyBits<float> {

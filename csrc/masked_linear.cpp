@@ -35,26 +35,12 @@ at::Tensor call_score_grad(at::Tensor grad_weight, const at::Tensor& weight, con
   return op.call(grad_weight, weight, scores, abs_scores);
 }
 
-void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores,
-                       const at::Tensor& t) {
-  check_mask_args(weight, scores, t);
-  check_float(x, "x");
-  check_same_device(x, "x", weight, "weight");
-  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (out_features, in_features), got shape ",
-                    weight.sizes());
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == weight.size(1), "x's last dimension must equal in_features=",
-                    weight.size(1), ", got shape ", x.sizes());
-}
-
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores,
                          const at::Tensor& t, const std::optional<at::Tensor>& bias, bool abs_scores) {
   check_linear_args(x, weight, scores, t);
   std::optional<at::Tensor> b;
   if (bias.has_value() && bias->defined()) {
-    check_float(*bias, "bias");
-    check_same_device(*bias, "bias", weight, "weight");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0),
-                      "bias must have shape (out_features=", weight.size(0), ",), got ", bias->sizes());
+    check_linear_bias(*bias, weight);
     b = bias->to(x.scalar_type());
   }
   const auto w_eff = call_apply_mask(weight, scores, t, abs_scores, x.scalar_type());
@@ -66,10 +52,8 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad
                                                           const at::Tensor& t, bool abs_scores,
                                                           bool need_grad_x, bool need_grad_scores) {
   check_linear_args(x, weight, scores, t);
-  check_same_device(grad_out, "grad_out", x, "x");
+  check_linear_grad_out(grad_out, x, weight);
   const int64_t out_features = weight.size(0), in_features = weight.size(1);
-  TORCH_CHECK_VALUE(grad_out.dim() == x.dim() && grad_out.size(-1) == out_features,
-                    "grad_out must have shape (..., out_features=", out_features, "), got ", grad_out.sizes());
   at::Tensor grad_x = at::empty({0}, x.options());
   at::Tensor grad_scores = at::empty({0}, scores.options());
   const auto g = grad_out.to(x.scalar_type());

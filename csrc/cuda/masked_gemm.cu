@@ -374,16 +374,10 @@ Epilogue store_epilogue(at::Tensor& out, const at::Tensor& bias) {
   return ep;
 }
 
-// The same checks as the composite kernels (masked_linear.cpp), plus: x on a CUDA device.
-void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores,
-                       const at::Tensor& t) {
-  check_mask_args(weight, scores, t);
-  check_float(x, "x");
-  check_same_device(x, "x", weight, "weight");
-  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (out_features, in_features), got shape ",
-                    weight.sizes());
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == weight.size(1), "x's last dimension must equal in_features=",
-                    weight.size(1), ", got shape ", x.sizes());
+// The shared checks of csrc/checks.h, plus: x on a CUDA device.
+void check_linear_args_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores,
+                            const at::Tensor& t) {
+  check_linear_args(x, weight, scores, t);
   TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor here, got one on ", x.device());
 }
 
@@ -397,13 +391,10 @@ at::Tensor as_matrix(const at::Tensor& x, int64_t cols) {
 
 at::Tensor masked_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores,
                               const at::Tensor& t, const std::optional<at::Tensor>& bias, bool abs_scores) {
-  check_linear_args(x, weight, scores, t);
+  check_linear_args_cuda(x, weight, scores, t);
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
-    check_float(*bias, "bias");
-    check_same_device(*bias, "bias", weight, "weight");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0),
-                      "bias must have shape (out_features=", weight.size(0), ",), got ", bias->sizes());
+    check_linear_bias(*bias, weight);
     b = bias->to(x.scalar_type());  // as the composite: the bias in x's dtype
   }
   const c10::cuda::CUDAGuard guard(x.device());
@@ -428,11 +419,9 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_backward_cuda(const at::Tensor&
                                                                const at::Tensor& weight, const at::Tensor& scores,
                                                                const at::Tensor& t, bool abs_scores,
                                                                bool need_grad_x, bool need_grad_scores) {
-  check_linear_args(x, weight, scores, t);
-  check_same_device(grad_out, "grad_out", x, "x");
+  check_linear_args_cuda(x, weight, scores, t);
+  check_linear_grad_out(grad_out, x, weight);
   const int64_t out_features = weight.size(0), in_features = weight.size(1);
-  TORCH_CHECK_VALUE(grad_out.dim() == x.dim() && grad_out.size(-1) == out_features,
-                    "grad_out must have shape (..., out_features=", out_features, "), got ", grad_out.sizes());
   TORCH_CHECK_VALUE(grad_out.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
                     "grad_out's leading dimensions must equal x's, got ", grad_out.sizes(), " and ", x.sizes());
   at::Tensor grad_x = at::empty({0}, x.options());
