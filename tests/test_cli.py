@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from maskprune import cli
 from maskprune import data as datasets
@@ -31,13 +30,6 @@ def mnist_subset() -> datasets.Splits:
 def small_data(monkeypatch, mnist_subset):
     monkeypatch.setattr(datasets, "load", lambda name, root=None: mnist_subset)
 
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    """Runs set torch's thread count (--threads); give the next test file the count it started with."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:

@@ -4,19 +4,9 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import pytest
-import torch
-
 from maskprune import cli
 from maskprune import data as datasets
 
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    """Runs set torch's thread count (--threads); give the next test file the count it started with."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_demo_prints_table_and_writes_png(tmp_path, capsys, monkeypatch):

@@ -1,19 +1,15 @@
 """Kernel tests run on a CUDA GPU when there is one, else on CPU tensors through Triton's interpreter.
 
-TRITON_INTERPRET must be set before the kernels are decorated (when maskprune.kernels is imported).
-pytest imports this file before it collects any test module of tests/kernels, and, for
-`pytest tests`, before tests/test_*.py as well (it collects tests/kernels first, and loads the
-conftest of every directory named on the command line up front). If maskprune.kernels was somehow
-imported earlier without the interpreter, the session stops with a message saying what to do.
+TRITON_INTERPRET must be set before the kernels are decorated (when maskprune.kernels is imported):
+tests/conftest.py sets it on machines without a CUDA GPU, before any test module is imported. If
+maskprune.kernels was somehow imported earlier without the interpreter, the session stops with a
+message saying what to do.
 """
 import os
 import sys
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
