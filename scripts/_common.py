@@ -103,6 +103,30 @@ def parse_list(text: str, kind=float) -> list:
     return [kind(v) for v in str(text).split(",") if v.strip()]
 
 
+def option_list(parser, flag: str, text: str, kind=float, *, accepted=None, what: str = "value", low=None,
+                high=None) -> list:
+    """A comma list option, checked: a bad item ends the script through parser.error (exit code 2)
+    with a message naming the flag and what it accepts; nothing has run or been written yet."""
+    try:
+        values = parse_list(text, kind)
+    except ValueError:
+        parser.error(f"{flag}: a comma list of {kind.__name__} values, got {text!r}")
+    for v in values:
+        if accepted is not None and v not in accepted:
+            parser.error(f"{flag}: unknown {what} {v!r}; accepted: {', '.join(map(str, accepted))}")
+        if (low is not None and not v >= low) or (high is not None and not v <= high):
+            parser.error(f"{flag}: every value must be in [{low}, {high}], got {v!r}")
+    return values
+
+
+def check_minimum(parser, args, minimums: dict) -> None:
+    """Each numeric option named in `minimums` (dest -> least accepted value), or parser.error naming it."""
+    for dest, low in minimums.items():
+        value = getattr(args, dest)
+        if value < low:
+            parser.error(f"--{dest.replace('_', '-')}: must be >= {low}, got {value}")
+
+
 def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
         epochs: int, batch_size: int, loss_fn, seed: int) -> float:
     """Minibatch training with the trainer's per-step cosine schedule; returns the last epoch's mean loss.

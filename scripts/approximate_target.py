@@ -34,9 +34,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import maskprune
-from maskprune import construct, data, models
-from maskprune.nn import convert, mask_stats
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import maskprune  # noqa: E402
+from maskprune import construct, data, models  # noqa: E402
+from maskprune.nn import convert, mask_stats  # noqa: E402
 
 TARGETS = {"l2": (500,), "l3": (300, 100)}        # hidden widths of the targets (depth l = len + 1)
 PAPER_EPS_EXPONENT = 2.0                         # Malach's single-weight lemma: width ∝ eps^-2 (times poly(d, n, l))
@@ -87,7 +90,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    check_args(p, args)
     return args
+
+
+OBJECTIVES = ("distill", "labels")
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Rejects bad options before any work, with argparse's exit code 2 and the flag in the message."""
+    for flag, key in (("--targets", "targets"), ("--learn-targets", "learn_targets")):
+        _common.option_list(p, flag, getattr(args, key), str, accepted=tuple(TARGETS), what="target")
+    _common.option_list(p, "--learn-objectives", args.learn_objectives, str, accepted=OBJECTIVES, what="objective")
+    for variant in names(args.variants):
+        try:
+            parse_variant(variant)
+        except SystemExit as err:
+            p.error(str(err))
+    for flag, key in (("--seeds", "seeds"), ("--greedy-seeds", "greedy_seeds"), ("--learn-seeds", "learn_seeds")):
+        _common.option_list(p, flag, getattr(args, key), int, low=0)
+    for flag, key in (("--construct-widths", "construct_widths"), ("--learn-widths", "learn_widths"),
+                      ("--learn-widths-l3", "learn_widths_l3")):
+        if getattr(args, key):
+            _common.option_list(p, flag, getattr(args, key), int, low=1)
+    _common.check_minimum(p, args, {"target_epochs": 1, "learn_epochs": 1, "batch_size": 1, "limit_train": 0,
+                                    "limit_test": 0, "threads": 0})
+    if not 0.0 < args.density <= 1.0:
+        p.error(f"--density: must be in (0, 1], got {args.density}")
+    if not args.lr > 0.0:
+        p.error(f"--lr: must be > 0, got {args.lr}")
+    if not _common.option_list(p, "--eps", args.eps, float, low=1e-12):
+        p.error(f"--eps: at least one positive number, got {args.eps!r}")
 
 
 def parse_variant(text: str) -> tuple[str, float | str]:

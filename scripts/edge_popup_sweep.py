@@ -80,19 +80,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.conv_epochs, args.conv_train_limit, args.conv_test_limit = 1, 256, 256
         args.run = args.run or "quick"
     for key in ("densities", "global_densities", "conv_densities", "conv_global_densities"):
-        setattr(args, key, _common.parse_list(getattr(args, key), float))
+        setattr(args, key, _common.option_list(p, "--" + key.replace("_", "-"), getattr(args, key), float,
+                                               low=1e-9, high=1.0))
     for key in ("widths", "conv_widths"):
-        setattr(args, key, _common.parse_list(getattr(args, key), float))
+        setattr(args, key, _common.option_list(p, "--" + key.replace("_", "-"), getattr(args, key), float, low=1e-9))
     for key in ("seeds", "conv_seeds"):
-        setattr(args, key, _common.parse_list(getattr(args, key), int))
-    for key in ("inits", "conv_inits", "nets"):
-        setattr(args, key, _common.parse_list(getattr(args, key), str))
-    for init in args.inits + args.conv_inits:
-        if init not in INITS:
-            p.error(f"unknown weight init {init!r}; accepted: {', '.join(INITS)}")
-    for net in args.nets:
-        if net not in NETS:
-            p.error(f"--nets: unknown net {net!r}; accepted: {', '.join(NETS)}")
+        setattr(args, key, _common.option_list(p, "--" + key.replace("_", "-"), getattr(args, key), int, low=0))
+    for key in ("inits", "conv_inits"):
+        setattr(args, key, _common.option_list(p, "--" + key.replace("_", "-"), getattr(args, key), str,
+                                               accepted=INITS, what="weight init"))
+    args.nets = _common.option_list(p, "--nets", args.nets, str, accepted=NETS, what="net")
+    _common.check_minimum(p, args, {"epochs": 1, "conv_epochs": 1, "batch_size": 1, "train_limit": 0,
+                                    "conv_train_limit": 0, "conv_test_limit": 0, "threads": 0})
     return args
 
 

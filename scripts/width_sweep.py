@@ -77,14 +77,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.train_limit, args.test_limit = 1000, 1000
         args.synth_dim, args.synth_train, args.synth_test, args.synth_epochs = 20, 1000, 500, 3
         args.run = args.run or "quick"
-    args.tasks, args.methods = _common.parse_list(args.tasks, str), _common.parse_list(args.methods, str)
-    args.widths, args.seeds = _common.parse_list(args.widths, int), _common.parse_list(args.seeds, int)
-    for t in args.tasks:
-        if t not in TASKS:
-            p.error(f"--tasks: unknown task {t!r}; accepted: {', '.join(TASKS)}")
-    for m in args.methods:
-        if m not in METHODS:
-            p.error(f"--methods: unknown method {m!r}; accepted: {', '.join(METHODS)}")
+    args.tasks = _common.option_list(p, "--tasks", args.tasks, str, accepted=TASKS, what="task")
+    args.methods = _common.option_list(p, "--methods", args.methods, str, accepted=METHODS, what="method")
+    args.widths = _common.option_list(p, "--widths", args.widths, int, low=1)
+    args.seeds = _common.option_list(p, "--seeds", args.seeds, int, low=0)
+    _common.check_minimum(p, args, {"epochs": 1, "synth_epochs": 1, "batch_size": 1, "synth_dim": 1,
+                                    "synth_train": 1, "synth_test": 1, "train_limit": 0, "test_limit": 0,
+                                    "threads": 0})
+    if not 0.0 < args.density <= 1.0:
+        p.error(f"--density: must be in (0, 1], got {args.density}")
     return args
 
 

@@ -48,3 +48,27 @@ def test_quick_mode_writes_results_and_plot(script, tmp_path):
     assert rw[3] == 3 * rw[1] == 3 * (784 * 784 + 784 * 500 + 500 * 500 + 500 * 10)
     assert "l2/single:1" in saved["width_needed"]
     assert results["points"] == pts
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--targets", "l9"], "--targets: unknown target"),
+    (["--learn-targets", "l2,l4"], "--learn-targets: unknown target"),
+    (["--learn-objectives", "nope"], "--learn-objectives: unknown objective"),
+    (["--variants", "bogus"], "--variants: unknown method"),
+    (["--variants", "single:big"], "--variants: scale must be a number"),
+    (["--construct-widths", "0"], "--construct-widths: every value must be in"),
+    (["--seeds", "x"], "--seeds: a comma list of int values"),
+    (["--learn-epochs", "0"], "--learn-epochs: must be >= 1"),
+    (["--limit-train", "-1"], "--limit-train: must be >= 0"),
+    (["--density", "1.5"], "--density: must be in (0, 1]"),
+    (["--lr", "0"], "--lr: must be > 0"),
+    (["--eps", "1,-2"], "--eps: every value must be in"),
+])
+def test_bad_options_exit_2_naming_the_flag(argv, message, tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path), *argv],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert not any(tmp_path.iterdir()), "nothing is written for a rejected command"

@@ -46,3 +46,17 @@ def test_grid_points(quick_run):
     assert all(p["via"] == "maskprune.train.train" for p in pts if p["net"] == "lenet300")
     rows = record["summary"]
     assert all(r["gap_to_dense"] is not None for r in rows)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nets", "resnet50"], "--nets: unknown net"),
+    (["--inits", "zeros"], "--inits: unknown weight init"),
+    (["--conv-inits", "signed_constant,xavier"], "--conv-inits: unknown weight init"),
+    (["--densities", "0.5,1.5"], "--densities: every value must be in"),
+    (["--seeds", "a"], "--seeds: a comma list of int values"),
+    (["--epochs", "0"], "--epochs: must be >= 1"),
+])
+def test_bad_options_exit_2_naming_them(argv, message):
+    proc = subprocess.run([sys.executable, str(SCRIPT), *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr

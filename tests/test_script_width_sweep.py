@@ -54,3 +54,20 @@ def test_rejects_unknown_task():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--tasks", "cifar"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "unknown task" in proc.stderr
+
+
+def test_rejects_unknown_method():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--methods", "dense,lottery"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--methods: unknown method" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--widths", "64,0"], "--widths: every value must be in"),
+    (["--seeds", "1.5"], "--seeds: a comma list of int values"),
+    (["--density", "0"], "--density: must be in (0, 1]"),
+    (["--train-limit", "-5"], "--train-limit: must be >= 0"),
+])
+def test_bad_numbers_exit_2_naming_the_flag(argv, message):
+    proc = subprocess.run([sys.executable, str(SCRIPT), *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr

@@ -68,7 +68,7 @@ def without_times(rows: list[dict]) -> list[dict]:
     ("momentum", 1.0, "--momentum"), ("weight_decay", -1.0, "--weight-decay"), ("policy", "random", "--policy"),
     ("weight_init", "zeros", "--weight-init"), ("score_init", "zeros", "--score-init"),
     ("optimizer", "lbfgs", "--optimizer"), ("backend", "nope", "--backend"), ("device", "tpu", "--device"),
-    ("widths", "100,100", "--widths"), ("label_smoothing", 1.0, "--label-smoothing"), ("threads", -1, "--threads"),
+    ("widths", "100,100", "--widths"), ("label_smoothing", 1.0, "--label-smoothing"), ("threads", -1, "--threads"), ("limit_train", -1, "--limit-train"),
     ("warmup_epochs", 5, "--warmup-epochs"), ("nesterov", True, "--nesterov"), ("epochs", "3", "--epochs"),
     ("amp", 1, "--amp"),
 ])
