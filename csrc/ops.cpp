@@ -13,9 +13,10 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(maskprune, m) {
   // t: the n_keep-th largest key (|S|, or S when abs_scores=False), n_keep = clamp(floor(density*n + 1/2), 1, n).
-  m.def("threshold(Tensor scores, float density, bool abs_scores) -> Tensor");
+  // `hint`, a previous t of these scores, may speed the selection up; the result never depends on it.
+  m.def("threshold(Tensor scores, float density, bool abs_scores, Tensor? hint=None) -> Tensor");
   // One t over all tensors together (global top-k), without concatenating them.
-  m.def("global_threshold(Tensor[] scores, float density, bool abs_scores) -> Tensor");
+  m.def("global_threshold(Tensor[] scores, float density, bool abs_scores, Tensor? hint=None) -> Tensor");
   // W * 1[key >= t], cast to `dtype` (default: the weight's) in the same pass.
   m.def("apply_mask(Tensor weight, Tensor scores, Tensor t, bool abs_scores, ScalarType? dtype=None) -> Tensor");
   // apply_mask for a masked layer's own GEMM (same values and kernels); its autograd writes dS over

@@ -2,7 +2,8 @@
 
 `LayerwiseTopK` keeps the top `density` fraction of each layer (edge-popup); `GlobalTopK` keeps
 the top fraction of all its layers' scores together. Both cache the threshold against the scores'
-version counters, so it is computed once per optimizer step, not on every forward pass.
+version counters, so it is computed once per optimizer step, not on every forward pass, and hand
+the previous step's threshold to the op as a hint (the CPU kernel then searches near it first).
 """
 from __future__ import annotations
 
@@ -15,6 +16,15 @@ from . import ops
 
 def _cache_key(scores_list: Sequence[torch.Tensor], density: float, abs_scores: bool) -> tuple:
     return (density, abs_scores, tuple((s.data_ptr(), s.device, s._version) for s in scores_list))
+
+
+def _hint(cached: tuple | None, key: tuple) -> torch.Tensor | None:
+    """The cached threshold when only the scores' versions changed since (same tensors and settings)."""
+    if cached is None:
+        return None
+    old_key, t = cached
+    same = old_key[:2] == key[:2] and [k[:2] for k in old_key[2]] == [k[:2] for k in key[2]]
+    return t if same else None
 
 
 class MaskPolicy:
@@ -32,14 +42,14 @@ class LayerwiseTopK(MaskPolicy):
     name = "layerwise"
 
     def threshold(self, layer) -> torch.Tensor:
-        compute = lambda: ops.threshold(layer.scores, layer.density, abs_scores=layer.abs_scores,
-                                        backend=layer.backend)
+        compute = lambda hint=None: ops.threshold(layer.scores, layer.density, abs_scores=layer.abs_scores,
+                                                  backend=layer.backend, hint=hint)
         if torch.compiler.is_compiling():
             return compute()
         key = _cache_key([layer.scores], layer.density, layer.abs_scores)
         cached = layer.__dict__.get("_threshold_cache")
         if cached is None or cached[0] != key:
-            cached = (key, compute())
+            cached = (key, compute(_hint(cached, key)))
             layer.__dict__["_threshold_cache"] = cached
         return cached[1]
 
@@ -60,13 +70,13 @@ class GlobalTopK(MaskPolicy):
 
     def threshold(self, layer=None) -> torch.Tensor:
         scores = [l.scores for l in self.layers]
-        compute = lambda: ops.global_threshold(scores, self.density, abs_scores=self.abs_scores,
-                                               backend=self.backend)
+        compute = lambda hint=None: ops.global_threshold(scores, self.density, abs_scores=self.abs_scores,
+                                                         backend=self.backend, hint=hint)
         if torch.compiler.is_compiling():
             return compute()
         key = _cache_key(scores, self.density, self.abs_scores)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, compute())
+            self._cache = (key, compute(_hint(self._cache, key)))
         return self._cache[1]
 
 

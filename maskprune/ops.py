@@ -91,8 +91,8 @@ class Backend:
 
     name: str
     is_available: Callable[[torch.device], bool]
-    threshold: Callable[[torch.Tensor, float, bool], torch.Tensor]
-    global_threshold: Callable[[list, float, bool], torch.Tensor]
+    threshold: Callable[[torch.Tensor, float, bool, torch.Tensor | None], torch.Tensor]  # (scores, density, abs, hint)
+    global_threshold: Callable[[list, float, bool, torch.Tensor | None], torch.Tensor]
     apply_mask: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
     masked_linear: Callable[..., torch.Tensor]
     checks_finite: bool = False  # True where the kernel itself rejects NaN/inf scores on that device
@@ -138,8 +138,8 @@ def resolve_backend(backend: str, device: torch.device) -> Backend:
 register_backend(Backend(
     name="torch",
     is_available=lambda device: True,
-    threshold=reference.threshold,
-    global_threshold=reference.global_threshold,
+    threshold=lambda s, d, a, hint: reference.threshold(s, d, a),
+    global_threshold=lambda ss, d, a, hint: reference.global_threshold(ss, d, a),
     apply_mask=reference.apply_mask,
     masked_linear=reference.masked_linear,
 ))
@@ -239,11 +239,11 @@ if HAS_CPP:
     _lib = "maskprune::"
 
     @torch.library.register_fake(_lib + "threshold")
-    def _(scores, density, abs_scores):
+    def _(scores, density, abs_scores, hint=None):
         return scores.new_empty(())
 
     @torch.library.register_fake(_lib + "global_threshold")
-    def _(scores, density, abs_scores):
+    def _(scores, density, abs_scores, hint=None):
         return scores[0].new_empty(())
 
     @torch.library.register_fake(_lib + "apply_mask")
@@ -293,8 +293,8 @@ if HAS_CPP:
     register_backend(Backend(
         name="cpp",
         is_available=_cpp_available,
-        threshold=lambda s, d, a: torch.ops.maskprune.threshold(s, d, a),
-        global_threshold=lambda ss, d, a: torch.ops.maskprune.global_threshold(ss, d, a),
+        threshold=lambda s, d, a, hint: torch.ops.maskprune.threshold(s, d, a, hint),
+        global_threshold=lambda ss, d, a, hint: torch.ops.maskprune.global_threshold(ss, d, a, hint),
         apply_mask=lambda w, s, t, a: torch.ops.maskprune.apply_mask(w, s, t, a),
         masked_linear=_cpp_masked_linear,
         checks_finite=True,
@@ -318,24 +318,39 @@ _register_triton()
 # Public ops
 # --------------------------------------------------------------------------------------------
 
+def _check_hint(hint) -> torch.Tensor | None:
+    if hint is None:
+        return None
+    _check_tensor(hint, "hint", FLOAT_DTYPES)
+    if hint.dim() != 0:
+        raise ValueError(f"hint must be None or a 0-d tensor (a previous threshold), got shape {tuple(hint.shape)}")
+    return hint.detach()
+
+
 def threshold(scores: torch.Tensor, density: float, *, abs_scores: bool = True,
-              backend: str = "auto") -> torch.Tensor:
+              backend: str = "auto", hint: torch.Tensor | None = None) -> torch.Tensor:
     """A 0-d tensor t such that exactly n_keep = clamp(floor(density·n + 1/2), 1, n) keys are >= t.
 
     The key is |scores| (or scores when abs_scores=False); ties at t are all kept. t has the
-    scores' dtype (float32, or float64 for float64 scores) and carries no gradient.
+    scores' dtype (float32, or float64 for float64 scores) and carries no gradient. `hint`, a
+    previous threshold of the same scores, lets the CPU kernel search near it first (one pass
+    instead of a full selection); t never depends on it.
     """
     _check_scores(scores)
     density = check_density(density)
+    hint = _check_hint(hint)
     impl = resolve_backend(backend, scores.device)
     if not (impl.checks_finite and scores.device.type == "cpu"):
         _check_finite(scores, "scores")
-    return impl.threshold(scores.detach(), density, bool(abs_scores))
+    return impl.threshold(scores.detach(), density, bool(abs_scores), hint)
 
 
 def global_threshold(scores_list: Sequence[torch.Tensor], density: float, *, abs_scores: bool = True,
-                     backend: str = "auto") -> torch.Tensor:
-    """One threshold over several score tensors together (global top-k), without concatenating them."""
+                     backend: str = "auto", hint: torch.Tensor | None = None) -> torch.Tensor:
+    """One threshold over several score tensors together (global top-k), without concatenating them.
+
+    `hint` is a previous threshold of the same scores, as for threshold().
+    """
     if isinstance(scores_list, torch.Tensor) or not isinstance(scores_list, (list, tuple)) or not scores_list:
         raise TypeError("scores_list must be a non-empty list or tuple of score tensors")
     for i, scores in enumerate(scores_list):
@@ -345,11 +360,12 @@ def global_threshold(scores_list: Sequence[torch.Tensor], density: float, *, abs
             raise TypeError(f"scores_list[{i}] must have the dtype of scores_list[0] ({scores_list[0].dtype}), "
                             f"got {scores.dtype}")
     density = check_density(density)
+    hint = _check_hint(hint)
     impl = resolve_backend(backend, scores_list[0].device)
     if not (impl.checks_finite and scores_list[0].device.type == "cpu"):
         for i, scores in enumerate(scores_list):
             _check_finite(scores, f"scores_list[{i}]")
-    return impl.global_threshold([s.detach() for s in scores_list], density, bool(abs_scores))
+    return impl.global_threshold([s.detach() for s in scores_list], density, bool(abs_scores), hint)
 
 
 def apply_mask(weight: torch.Tensor, scores: torch.Tensor, t: torch.Tensor, *, abs_scores: bool = True,

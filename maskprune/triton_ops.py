@@ -113,8 +113,8 @@ ops.register_masked_linear_autograd(_masked_linear, _masked_linear_backward)
 ops.register_backend(ops.Backend(
     name="triton",
     is_available=_available,
-    threshold=_threshold,
-    global_threshold=_global_threshold,
+    threshold=lambda s, d, a, hint: _threshold(s, d, a),  # the GPU selection needs no hint
+    global_threshold=lambda ss, d, a, hint: _global_threshold(ss, d, a),
     apply_mask=_apply_mask,
     masked_linear=_masked_linear,
 ))

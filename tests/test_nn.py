@@ -104,6 +104,27 @@ def test_threshold_is_cached_until_scores_change(monkeypatch):
     assert len(calls) == 4
 
 
+def test_recomputed_threshold_gets_the_previous_one_as_hint(monkeypatch):
+    layer = MaskedLinear(20, 10, density=0.5)
+    hints = []
+    real = ops.threshold
+    monkeypatch.setattr(ops, "threshold", lambda *a, **k: hints.append(k.get("hint")) or real(*a, **k))
+    x = torch.randn(3, 20)
+    layer(x)
+    first = layer.threshold()
+    with torch.no_grad():
+        layer.scores.mul_(1.001)
+    layer(x)
+    assert hints[0] is None and hints[1] is first  # same tensor, same settings: the old t is the hint
+    torch.testing.assert_close(layer.threshold(), real(layer.scores, 0.5))
+    layer.scores = torch.nn.Parameter(torch.randn(10, 20))  # other scores: no hint
+    layer(x)
+    assert hints[2] is None
+    layer.density = 0.3  # other settings: no hint
+    layer(x)
+    assert hints[3] is None
+
+
 def test_conv_matches_reference():
     torch.manual_seed(2)
     conv = MaskedConv2d(3, 5, 3, stride=2, padding=1, density=0.3)

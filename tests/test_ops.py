@@ -342,6 +342,74 @@ def test_global_threshold_equals_reference_on_concatenation(device, backend, dty
     assert float(single) == float(maskprune.threshold(scores_list[0], 0.5, abs_scores=abs_scores, backend=backend))
 
 
+def hints_for(t: float, dtype: torch.dtype) -> list[float]:
+    """Previous thresholds a caller might pass: exact, inside the narrow and the wide search window,
+    outside both, and meaningless ones. None of them may change the result."""
+    info = torch.finfo(dtype)
+    return [t, t * (1 + 1e-4), t * (1 - 1e-3), t * 1.02, t * 0.97, t * 1.5, -t, 0.0, 1.0, info.max, -info.max,
+            info.tiny, float("inf"), float("-inf"), float("nan")]
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("abs_scores", [True, False], ids=["abs", "raw"])
+def test_threshold_hint_never_changes_the_result(device, backend, dtype, abs_scores):
+    g = gen("hint", dtype, abs_scores)
+    cases = dict(special_values(dtype))
+    cases["tie_free_small"] = tie_free_scores((97,), dtype, abs_scores, g)
+    cases["tie_free_large"] = tie_free_scores((300, 101), dtype, abs_scores, g)  # several window blocks + a tail
+    cases["uniform_large"] = torch.rand(235_211, generator=g, dtype=torch.float64).to(dtype) * 0.1 - 0.05
+    for name, scores in cases.items():
+        if interpreted(device, backend) and scores.numel() > 1000:
+            continue  # the Triton interpreter would take minutes (and Triton ignores hints)
+        scores = scores.to(device)
+        key = key_of(scores, abs_scores)
+        for density in [1e-9, 0.05, 0.5, 0.95, 1.0]:
+            t_ref = float(reference.threshold(scores, density, abs_scores))
+            hints = hints_for(t_ref, dtype)[:3] if interpreted(device, backend) else hints_for(t_ref, dtype)
+            for h in hints:
+                hint = torch.tensor(h, dtype=dtype, device=device)
+                t = maskprune.threshold(scores, density, abs_scores=abs_scores, backend=backend, hint=hint)
+                assert float(t) == t_ref or (t_ref == 0 and float(t) == 0), (name, density, h, float(t), t_ref)
+                n_keep = n_keep_expected(density, scores.numel())
+                assert int((key > t).sum()) < n_keep <= int((key >= t).sum()), (name, density, h)
+            # a hint of another float dtype is read as a number
+            other = torch.tensor(t_ref, dtype=torch.float32 if dtype == torch.float64 else torch.float64, device=device)
+            assert float(maskprune.threshold(scores, density, abs_scores=abs_scores, backend=backend,
+                                             hint=other)) == t_ref
+        parts = [scores.flatten()[: scores.numel() // 3], scores.flatten()[scores.numel() // 3:]]
+        t_ref = float(reference.threshold(scores, 0.3, abs_scores))
+        for h in hints_for(t_ref, dtype)[:4]:
+            hint = torch.tensor(h, dtype=dtype, device=device)
+            t = maskprune.global_threshold(parts, 0.3, abs_scores=abs_scores, backend=backend, hint=hint)
+            assert float(t) == t_ref or (t_ref == 0 and float(t) == 0), (name, h)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_threshold_hint_with_nonfinite_scores_still_raises(device, backend):
+    s = torch.randn(300, 101, device=device)
+    t = maskprune.threshold(s, 0.5, backend=backend)
+    s[7, 7] = float("nan")
+    with pytest.raises(ValueError, match="scores.* finite"):
+        maskprune.threshold(s, 0.5, backend=backend, hint=t)
+    with pytest.raises(ValueError, match="scores.* finite"):
+        maskprune.global_threshold([s], 0.5, backend=backend, hint=t)
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (0.5, TypeError, "hint must be a torch.Tensor"),
+    (torch.tensor(1), TypeError, "hint must have dtype"),
+    (torch.zeros(2), ValueError, "hint must be None or a 0-d tensor"),
+])
+def test_bad_hint_raises(bad, exc, match):
+    s = torch.randn(5, 7)
+    for backend in ops.available_backends("cpu"):
+        with pytest.raises(exc, match=match):
+            maskprune.threshold(s, 0.5, backend=backend, hint=bad)
+        with pytest.raises(exc, match=match):
+            maskprune.global_threshold([s], 0.5, backend=backend, hint=bad)
+
+
 # ============================================================================================
 # apply_mask and masked_linear against the reference
 # ============================================================================================
@@ -630,8 +698,11 @@ def opcheck_samples():
         ("threshold", (r(5, 7), 0.5, True), {}),
         ("threshold", (r(100, dtype=torch.float64), 1e-9, False), {}),
         ("threshold", (r(11, 13).t(), 1.0, True), {}),
+        ("threshold", (r(300, 101), 0.3, True), {"hint": torch.tensor(0.5)}),
+        ("threshold", (r(40, 30, dtype=torch.float64), 0.7, False), {"hint": torch.tensor(-0.5, dtype=torch.float64)}),
         ("global_threshold", ([r(5, 7), r(3), r(2, 2, 2)], 0.4, True), {}),
         ("global_threshold", ([r(9, dtype=torch.float64)], 0.9, False), {}),
+        ("global_threshold", ([r(200, 100), r(7)], 0.5, True), {"hint": torch.tensor(0.7)}),
         ("apply_mask", (w, s, t, True), {}),
         ("apply_mask", (w, r(5, 7, rg=True), t, True), {}),
         ("apply_mask", (w.to(torch.bfloat16), r(5, 7, rg=True), t_raw, False), {"dtype": torch.float32}),
@@ -838,6 +909,10 @@ def raw_op_cases():
         ("threshold-int", lambda: m("threshold")(i64(s), 0.5, True), TypeError, "scores"),
         ("threshold-half", lambda: m("threshold")(s.half(), 0.5, True), TypeError, "scores"),
         ("threshold-nan", lambda: m("threshold")(nan, 0.5, True), ValueError, "finite"),
+        ("threshold-nan-hint", lambda: m("threshold")(nan, 0.5, True, t), ValueError, "finite"),
+        ("threshold-int-hint", lambda: m("threshold")(s, 0.5, True, i64(t)), TypeError, "hint"),
+        ("threshold-1d-hint", lambda: m("threshold")(s, 0.5, True, t.reshape(1)), ValueError, "hint"),
+        ("global-int-hint", lambda: m("global_threshold")([s], 0.5, True, i64(t)), TypeError, "hint"),
         # no tensor to dispatch on: the dispatcher itself refuses (the public op raises TypeError first)
         ("global-empty-list", lambda: m("global_threshold")([], 0.5, True), (ValueError, NotImplementedError),
          "at least one|no tensor arguments"),

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "../checks.h"
@@ -259,12 +260,15 @@ at::Tensor threshold_of(const std::vector<at::Tensor>& scores, double density, b
 }
 
 // t = the n_keep-th largest key. Non-finite scores give t = NaN (the CPU kernel raises instead; raising
-// here would need a host synchronisation, so maskprune/ops.py checks finiteness on CUDA).
-at::Tensor threshold_cuda(const at::Tensor& scores, double density, bool abs_scores) {
+// here would need a host synchronisation, so maskprune/ops.py checks finiteness on CUDA). The
+// selection is fast enough on the GPU that the hint (used by the CPU kernel) is not needed here.
+at::Tensor threshold_cuda(const at::Tensor& scores, double density, bool abs_scores,
+                          const std::optional<at::Tensor>& /*hint*/) {
   return threshold_of({scores}, density, abs_scores);
 }
 
-at::Tensor global_threshold_cuda(at::TensorList scores, double density, bool abs_scores) {
+at::Tensor global_threshold_cuda(at::TensorList scores, double density, bool abs_scores,
+                                 const std::optional<at::Tensor>& /*hint*/) {
   return threshold_of(scores.vec(), density, abs_scores);
 }
 
