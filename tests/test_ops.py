@@ -277,6 +277,9 @@ def test_cpu_kernels_with_several_threads(backend, one_thread):
                 t = maskprune.threshold(scores, density, abs_scores=abs_scores, backend=backend)
                 assert float(t) == float(reference.threshold(scores, density, abs_scores))
                 assert int((key_of(scores, abs_scores) >= t).sum()) == n_keep_expected(density, n)
+                for hint in [t, t * 1.001, t * 1.02]:  # the windowed pass, split over the threads
+                    assert float(maskprune.threshold(scores, density, abs_scores=abs_scores, backend=backend,
+                                                     hint=hint)) == float(t)
             parts = [scores[:40_000], scores[40_000:40_001], scores[40_001:]]
             t = maskprune.global_threshold(parts, 0.3, abs_scores=abs_scores, backend=backend)
             assert float(t) == float(reference.threshold(scores, 0.3, abs_scores))
