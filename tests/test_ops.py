@@ -380,6 +380,9 @@ def test_threshold_hint_never_changes_the_result(device, backend, dtype, abs_sco
             other = torch.tensor(t_ref, dtype=torch.float32 if dtype == torch.float64 else torch.float64, device=device)
             assert float(maskprune.threshold(scores, density, abs_scores=abs_scores, backend=backend,
                                              hint=other)) == t_ref
+            beyond = torch.tensor(1e300, dtype=torch.float64, device=device)  # inf once read as float32
+            assert float(maskprune.threshold(scores, density, abs_scores=abs_scores, backend=backend,
+                                             hint=beyond)) == t_ref
         parts = [scores.flatten()[: scores.numel() // 3], scores.flatten()[scores.numel() // 3:]]
         t_ref = float(reference.threshold(scores, 0.3, abs_scores))
         for h in hints_for(t_ref, dtype)[:4]:

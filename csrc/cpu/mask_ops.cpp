@@ -252,6 +252,7 @@ constexpr int kWindowLog2[] = {9, 5};
 
 template <typename scalar_t, bool kAbs>
 std::optional<scalar_t> select_near_hint(const std::vector<at::Tensor>& tensors, int64_t n_keep, scalar_t hint) {
+  if (!std::isfinite(hint)) return std::nullopt;  // e.g. a float64 hint beyond the float32 range
   for (int log2 : kWindowLog2) {
     const scalar_t half = std::abs(hint) * std::ldexp(scalar_t(1), -log2);
     if (!(half > 0)) return std::nullopt;
@@ -289,7 +290,7 @@ at::Tensor threshold_of(const std::vector<at::Tensor>& scores, double density, b
   const double hint_value = use_hint ? hint->item<double>() : 0.0;
   return AT_DISPATCH_FLOATING_TYPES(dtype, "maskprune_threshold", [&] {
     std::optional<scalar_t> near;
-    if (use_hint && std::isfinite(hint_value)) {
+    if (use_hint) {
       const auto h = static_cast<scalar_t>(hint_value);
       near = abs_scores ? select_near_hint<scalar_t, true>(contiguous, n_keep, h)
                         : select_near_hint<scalar_t, false>(contiguous, n_keep, h);
