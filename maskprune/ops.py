@@ -149,12 +149,10 @@ register_backend(Backend(
 # Autograd formulas shared by every op-level backend (cpp, triton): the straight-through estimator
 # --------------------------------------------------------------------------------------------
 
-def register_apply_mask_autograd(op, score_grad_op: Callable, score_grad_inplace_op: Callable | None = None) -> None:
+def register_apply_mask_autograd(op, score_grad_op: Callable) -> None:
     """Autograd of an apply_mask(weight, scores, t, abs_scores, ...) op: dS = score_grad_op(g, W, S).
 
-    With `score_grad_inplace_op`, dS is written over the incoming gradient when it is a plain
-    contiguous buffer of the scores' dtype and no graph of the backward is being built. Only for ops
-    whose output is private to a layer (masked_weight): a user could hold the gradient of apply_mask.
+    For the Triton backend; the C++ ops carry the same formula in csrc/autograd.cpp (no Python per step).
     """
 
     def setup_context(ctx, inputs, output):
@@ -164,15 +162,7 @@ def register_apply_mask_autograd(op, score_grad_op: Callable, score_grad_inplace
 
     def backward(ctx, grad):
         weight, scores = ctx.saved_tensors
-        grad_scores = None
-        if ctx.needs_input_grad[1]:
-            if (score_grad_inplace_op is not None and not torch.is_grad_enabled()
-                    and not torch.compiler.is_compiling() and grad.dtype == scores.dtype
-                    and grad.device == scores.device and grad.is_contiguous()):
-                score_grad_inplace_op(grad, weight, scores, ctx.abs_scores)
-                grad_scores = grad
-            else:
-                grad_scores = score_grad_op(grad, weight, scores, ctx.abs_scores)
+        grad_scores = score_grad_op(grad, weight, scores, ctx.abs_scores) if ctx.needs_input_grad[1] else None
         return (None, grad_scores) + (None,) * (len(ctx.needs_input_grad) - 2)
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
@@ -272,9 +262,8 @@ if HAS_CPP:
     def _(weight, scores, t, abs_scores, dtype=None):
         return weight.new_empty(weight.shape, dtype=dtype or weight.dtype)
 
-    register_apply_mask_autograd(_lib + "apply_mask", torch.ops.maskprune.score_grad)
-    register_apply_mask_autograd(_lib + "masked_weight", torch.ops.maskprune.score_grad,
-                                 torch.ops.maskprune.score_grad_)
+    # apply_mask and masked_weight have their autograd in C++ (csrc/autograd.cpp); masked_weight's
+    # backward writes dS over the incoming weight gradient, which only its layer's GEMM produces.
 
     def _cpp_masked_linear(x, weight, scores, t, bias, abs_scores):
         """masked_linear on the cpp backend.
