@@ -3,6 +3,9 @@
 The model is a 784-2048-2048-10 ReLU MLP, batch 256, density 0.5. Every variant runs in this process,
 in interleaved rounds, and the medians are reported as ratios to the dense step. The sort-based step
 follows allenai/hidden-networks' GetSubnet (sort every layer's |scores| on every forward pass).
+Then, per step of the masked MLP, the cost of each extra pass the mask step makes over its scores:
+the threshold with the previous step's threshold as hint (what the layers do) and without it (the full
+radix select), the fused mask pass and the fused score-gradient pass.
 Writes results/bench_cpu/results.json.
 """
 from __future__ import annotations
@@ -70,6 +73,41 @@ def make_step(model, x, y):
     return step
 
 
+def median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def extra_passes(masked: nn.Module, step, repeats: int) -> dict[str, float]:
+    """ms per training step, summed over the masked layers, of each pass a mask step adds to dense.
+
+    One more optimizer step first, so that each layer's hint is a real previous-step threshold.
+    """
+    layers = [m for m in masked.modules() if isinstance(m, maskprune.MaskedLinear)]
+    hints = [layer.threshold() for layer in layers]
+    step()
+    ops = maskprune.ops
+    out = {"threshold, hint = previous step's t": 0.0, "threshold, no hint (full radix select)": 0.0,
+           "fused mask pass (W ⊙ M)": 0.0, "fused dS pass (in place)": 0.0}
+    for layer, hint in zip(layers, hints):
+        s, w, d = layer.scores.detach(), layer.weight, layer.density
+        t = ops.threshold(s, d, hint=hint)
+        grad = torch.randn_like(s)
+        out["threshold, hint = previous step's t"] += median_ms(lambda: ops.threshold(s, d, hint=hint), repeats)
+        out["threshold, no hint (full radix select)"] += median_ms(lambda: ops.threshold(s, d), repeats)
+        out["fused mask pass (W ⊙ M)"] += median_ms(
+            lambda: torch.ops.maskprune.masked_weight(w, s, t, True, None), repeats)
+        # each call gets a fresh copy of the gradient (so values stay normal); the copy is subtracted
+        copy_ms = median_ms(lambda: grad.copy_(w), repeats)
+        out["fused dS pass (in place)"] += max(0.0, median_ms(
+            lambda: torch.ops.maskprune.score_grad_(grad.copy_(w), w, s, True), repeats) - copy_ms)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", default="784,2048,2048,10")
@@ -114,7 +152,11 @@ def main() -> None:
         print(f"{r['variant']:32s} {r['median_ms']:10.2f} {r['ratio_to_dense']:8.2f}")
     speedup = medians["mask (sort-based edge-popup)"] / medians["mask (maskprune auto)"]
     print(f"maskprune mask step is {speedup:.1f}x faster than the sort-based step")
-    result = {"config": vars(args), "rows": rows, "speedup_vs_sort": speedup,
+    passes = extra_passes(masked, steps["mask (maskprune auto)"], repeats=max(5, args.rounds))
+    print("extra passes of the mask step, ms per step (all layers):")
+    for name, ms in passes.items():
+        print(f"  {name:40s} {ms:8.2f}")
+    result = {"config": vars(args), "rows": rows, "speedup_vs_sort": speedup, "extra_passes_ms": passes,
               "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                           "torch": torch.__version__, "maskprune": maskprune.__version__,
                           "backend": maskprune.ops.available_backends("cpu")[0]}}

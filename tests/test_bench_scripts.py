@@ -25,6 +25,9 @@ def test_bench_cpu_tiny_run_writes_json(tmp_path):
     assert names[0] == "dense" and len(names) == 4
     assert all(row["median_ms"] > 0 for row in result["rows"])
     assert "x dense" in proc.stdout
+    passes = result["extra_passes_ms"]
+    assert len(passes) == 4 and all(ms >= 0 for ms in passes.values())
+    assert any(name.startswith("threshold, hint") for name in passes)
 
 
 def test_bench_cpu_rejects_bad_threads(tmp_path):
