@@ -1,89 +1,121 @@
-// Autograd of apply_mask and masked_weight: the straight-through estimator dS = sign(S) * W * g
-// (W * g when abs_scores is false), and no gradient to the weight or t. Written in C++ rather than
-// through torch.library.register_autograd so that a masked layer's training step pays no Python for
-// these two ops (~40 us per layer and step, forward and backward together, on CPU).
+// Autograd of apply_mask and masked_linear, in C++ rather than through torch.library.register_autograd
+// so that a masked layer's training step pays no Python for it (~40 us per layer and step on CPU).
+// The straight-through estimator: dS = sign(S) * W * dW_eff (W * dW_eff when abs_scores is false),
+// and no gradient to the weight or t.
 #include <ATen/ATen.h>
-#include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <optional>
+#include <tuple>
+
+#include "masked_linear.h"
 
 namespace maskprune {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using MaskOp = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, std::optional<at::ScalarType>);
 
-c10::TypedOperatorHandle<MaskOp> mask_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<MaskOp>();
-}
-
-at::Tensor score_grad(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& scores, bool abs_scores) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("maskprune::score_grad", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
-  return op.call(grad, weight, scores, abs_scores);
-}
-
-// dS written over `grad` itself: only for masked_weight, whose output feeds its layer's GEMM alone, so
-// that the incoming gradient is that GEMM's fresh weight gradient. Not while a graph of the backward is
-// being built (create_graph) or traced (torch.compile hands in Python/functional tensors).
-bool may_overwrite(const at::Tensor& grad, const at::Tensor& scores) {
-  return !at::GradMode::is_enabled() && grad.scalar_type() == scores.scalar_type() &&
-         grad.device() == scores.device() && grad.is_contiguous() &&
-         !grad.key_set().has(c10::DispatchKey::Python) && !at::functionalization::impl::isFunctionalTensor(grad);
-}
-
-template <bool kPrivateOutput>
-struct StraightThroughMask : public torch::autograd::Function<StraightThroughMask<kPrivateOutput>> {
+struct StraightThroughMask : public torch::autograd::Function<StraightThroughMask> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& scores,
                             const at::Tensor& t, bool abs_scores, std::optional<at::ScalarType> dtype) {
-    static const auto op = mask_op(kPrivateOutput ? "maskprune::masked_weight" : "maskprune::apply_mask");
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("maskprune::apply_mask", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
+                                           std::optional<at::ScalarType>)>();
     ctx->save_for_backward({weight, scores});
     ctx->saved_data["abs_scores"] = abs_scores;
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return op.call(weight, scores, t, abs_scores, dtype);
   }
 
+  // dS in a new tensor: the incoming gradient may belong to the caller (apply_mask is public).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto score_grad = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("maskprune::score_grad", "")
+                                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &weight = saved[0], &scores = saved[1];
-    const bool abs_scores = ctx->saved_data["abs_scores"].toBool();
     at::Tensor grad_scores;
     if (ctx->needs_input_grad(1) && grads[0].defined()) {
-      at::Tensor grad = grads[0];
-      if (kPrivateOutput && may_overwrite(grad, scores)) {
-        static auto inplace = c10::Dispatcher::singleton()
-                                  .findSchemaOrThrow("maskprune::score_grad_", "")
-                                  .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
-        inplace.call(grad, weight, scores, abs_scores);
-        grad_scores = grad;
-      } else {
-        grad_scores = score_grad(grad, weight, scores, abs_scores);
-      }
+      grad_scores = score_grad.call(grads[0], saved[0], saved[1], ctx->saved_data["abs_scores"].toBool());
     }
     return {at::Tensor(), grad_scores, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
+using BackwardOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                      const at::Tensor&, const at::Tensor&, bool, bool, bool);
+
+// Gradients to x, scores and bias. On CPU the forward keeps W ⊙ M for dX (one mask pass per step,
+// not two); dS is then written over the weight-gradient GEMM's output, a tensor only this backward
+// holds (inside masked_linear_backward). Elsewhere the masked_linear op runs (fused GEMMs on CUDA).
+struct MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& scores, const at::Tensor& t, const std::optional<at::Tensor>& bias,
+                            bool abs_scores) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("maskprune::masked_linear", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, const std::optional<at::Tensor>&, bool)>();
+    const bool has_bias = bias.has_value() && bias->defined();
+    ctx->saved_data["abs_scores"] = abs_scores;
+    ctx->saved_data["has_bias"] = has_bias;
+    if (has_bias) ctx->saved_data["bias_dtype"] = bias->scalar_type();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    if (x.device().is_cpu()) {
+      auto [y, w_eff] = masked_linear_keeping_weight(x, weight, scores, t, bias, abs_scores);
+      ctx->save_for_backward({x, weight, scores, t, w_eff});
+      return y;
+    }
+    ctx->save_for_backward({x, weight, scores, t, at::Tensor()});
+    return op.call(x, weight, scores, t, bias, abs_scores);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto backward_op = c10::Dispatcher::singleton()
+                                  .findSchemaOrThrow("maskprune::masked_linear_backward", "")
+                                  .typed<BackwardOp>();
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &scores = saved[2], &t = saved[3], &w_eff = saved[4];
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool need_x = ctx->needs_input_grad(0), need_scores = ctx->needs_input_grad(2);
+    const bool need_bias = has_bias && ctx->needs_input_grad(4);
+    const at::Tensor& grad = grads[0];
+    at::Tensor grad_x, grad_scores, grad_bias;
+    if (!grad.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const bool kept = w_eff.defined();
+    if ((need_x && !kept) || need_scores) {
+      std::tie(grad_x, grad_scores) = backward_op.call(grad, x, weight, scores, t,
+                                                       ctx->saved_data["abs_scores"].toBool(), need_x && !kept,
+                                                       need_scores);
+    }
+    if (need_x && kept) grad_x = at::matmul(grad.to(x.scalar_type()), w_eff);
+    if (!need_x) grad_x = at::Tensor();  // the op returns empty tensors for what was not asked
+    if (!need_scores) grad_scores = at::Tensor();
+    if (need_bias) {
+      grad_bias = grad.reshape({-1, grad.size(-1)}).sum(0).to(ctx->saved_data["bias_dtype"].toScalarType());
+    }
+    return {grad_x, at::Tensor(), grad_scores, at::Tensor(), grad_bias, at::Tensor()};
+  }
+};
+
 at::Tensor apply_mask_autograd(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& t,
                                bool abs_scores, std::optional<at::ScalarType> dtype) {
-  return StraightThroughMask<false>::apply(weight, scores, t, abs_scores, dtype);
+  return StraightThroughMask::apply(weight, scores, t, abs_scores, dtype);
 }
 
-at::Tensor masked_weight_autograd(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& t,
-                                  bool abs_scores, std::optional<at::ScalarType> dtype) {
-  return StraightThroughMask<true>::apply(weight, scores, t, abs_scores, dtype);
+at::Tensor masked_linear_autograd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores,
+                                  const at::Tensor& t, const std::optional<at::Tensor>& bias, bool abs_scores) {
+  return MaskedLinearFunction::apply(x, weight, scores, t, bias, abs_scores);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(maskprune, Autograd, m) {
   m.impl("apply_mask", &apply_mask_autograd);
-  m.impl("masked_weight", &masked_weight_autograd);
+  m.impl("masked_linear", &masked_linear_autograd);
 }
 
 }  // namespace maskprune

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 
 namespace maskprune {
 
@@ -67,6 +68,13 @@ inline void check_score_grad_inplace_args(const at::Tensor& grad_weight, const a
   TORCH_CHECK_TYPE(grad_weight.scalar_type() == scores.scalar_type(), "grad_weight must have the scores' dtype ",
                    scores.scalar_type(), " to take dS in place, got ", grad_weight.scalar_type());
   TORCH_CHECK_VALUE(grad_weight.is_contiguous(), "grad_weight must be contiguous to take dS in place");
+}
+
+// A threshold hint: a 0-d floating-point tensor on any device (only a CPU one is read).
+inline void check_hint(const std::optional<at::Tensor>& hint) {
+  if (!hint.has_value() || !hint->defined()) return;
+  check_float(*hint, "hint");
+  TORCH_CHECK_VALUE(hint->dim() == 0, "hint must be a 0-d tensor (a previous threshold), got shape ", hint->sizes());
 }
 
 // masked_linear and its backward (the composite in masked_linear.cpp and the CUDA kernels).

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "masked_linear.h"
 
 namespace maskprune {
 namespace {
@@ -37,14 +38,7 @@ at::Tensor call_score_grad(at::Tensor grad_weight, const at::Tensor& weight, con
 
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores,
                          const at::Tensor& t, const std::optional<at::Tensor>& bias, bool abs_scores) {
-  check_linear_args(x, weight, scores, t);
-  std::optional<at::Tensor> b;
-  if (bias.has_value() && bias->defined()) {
-    check_linear_bias(*bias, weight);
-    b = bias->to(x.scalar_type());
-  }
-  const auto w_eff = call_apply_mask(weight, scores, t, abs_scores, x.scalar_type());
-  return at::linear(x, w_eff, b);
+  return masked_linear_keeping_weight(x, weight, scores, t, bias, abs_scores).first;
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
@@ -71,6 +65,22 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad
 }
 
 }  // namespace
+
+std::pair<at::Tensor, at::Tensor> masked_linear_keeping_weight(const at::Tensor& x, const at::Tensor& weight,
+                                                               const at::Tensor& scores, const at::Tensor& t,
+                                                               const std::optional<at::Tensor>& bias,
+                                                               bool abs_scores) {
+  check_linear_args(x, weight, scores, t);
+  std::optional<at::Tensor> b;
+  if (bias.has_value() && bias->defined()) {
+    check_linear_bias(*bias, weight);
+    // cast only when needed: an operator below autograd must not hand back its input (opcheck)
+    b = bias->scalar_type() == x.scalar_type() ? *bias : bias->to(x.scalar_type());
+  }
+  auto w_eff = call_apply_mask(weight, scores, t, abs_scores, x.scalar_type());
+  auto y = at::linear(x, w_eff, b);
+  return {std::move(y), std::move(w_eff)};
+}
 
 TORCH_LIBRARY_IMPL(maskprune, CompositeExplicitAutograd, m) {
   m.impl("masked_linear", &masked_linear);

@@ -1,5 +1,6 @@
 // The schema of every maskprune op, in one place. Implementations register against it from
-// cpu/ (CPU kernels), cuda/ (CUDA kernels) and masked_linear.cpp (device-generic composites).
+// cpu/ (CPU kernels), cuda/ (CUDA kernels), masked_linear.cpp (device-generic composites) and
+// autograd.cpp (the autograd of apply_mask and masked_linear).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -19,9 +20,6 @@ TORCH_LIBRARY(maskprune, m) {
   m.def("global_threshold(Tensor[] scores, float density, bool abs_scores, Tensor? hint=None) -> Tensor");
   // W * 1[key >= t], cast to `dtype` (default: the weight's) in the same pass.
   m.def("apply_mask(Tensor weight, Tensor scores, Tensor t, bool abs_scores, ScalarType? dtype=None) -> Tensor");
-  // apply_mask for a masked layer's own GEMM (same values and kernels); its autograd writes dS over
-  // the incoming weight gradient, which only that GEMM's backward produces (maskprune/ops.py).
-  m.def("masked_weight(Tensor weight, Tensor scores, Tensor t, bool abs_scores, ScalarType? dtype=None) -> Tensor");
   // Straight-through score gradient: sign(S) * W * grad_weight (W * grad_weight if not abs_scores), in S's dtype.
   m.def("score_grad(Tensor grad_weight, Tensor weight, Tensor scores, bool abs_scores) -> Tensor");
   // The same, written over grad_weight (which must have the scores' dtype and be contiguous).

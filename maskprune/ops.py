@@ -152,7 +152,7 @@ register_backend(Backend(
 def register_apply_mask_autograd(op, score_grad_op: Callable) -> None:
     """Autograd of an apply_mask(weight, scores, t, abs_scores, ...) op: dS = score_grad_op(g, W, S).
 
-    For the Triton backend; the C++ ops carry the same formula in csrc/autograd.cpp (no Python per step).
+    For the Triton backend; the C++ op carries the same formula in csrc/autograd.cpp (no Python per step).
     """
 
     def setup_context(ctx, inputs, output):
@@ -169,7 +169,8 @@ def register_apply_mask_autograd(op, score_grad_op: Callable) -> None:
 
 
 def register_masked_linear_autograd(op, backward_op: Callable) -> None:
-    """Autograd of a masked_linear(x, weight, scores, t, bias, abs_scores) op.
+    """Autograd of a masked_linear(x, weight, scores, t, bias, abs_scores) op (the Triton backend's;
+    the C++ op's is in csrc/autograd.cpp).
 
     backward_op(grad, x, weight, scores, t, abs_scores, need_x, need_scores) -> (dX, dS); the bias
     gradient is the sum of grad over the leading dimensions; the weight never gets one.
@@ -258,26 +259,8 @@ if HAS_CPP:
         grad_scores = scores.new_empty(scores.shape) if need_grad_scores else scores.new_empty((0,))
         return grad_x, grad_scores
 
-    @torch.library.register_fake(_lib + "masked_weight")
-    def _(weight, scores, t, abs_scores, dtype=None):
-        return weight.new_empty(weight.shape, dtype=dtype or weight.dtype)
-
-    # apply_mask and masked_weight have their autograd in C++ (csrc/autograd.cpp); masked_weight's
-    # backward writes dS over the incoming weight gradient, which only its layer's GEMM produces.
-
-    def _cpp_masked_linear(x, weight, scores, t, bias, abs_scores):
-        """masked_linear on the cpp backend.
-
-        On CPU it runs as the fused mask pass followed by ATen's linear, so that autograd keeps the
-        masked weight from the forward pass for dX instead of masking again in the backward (one
-        pass over W, S and W ⊙ M less per step); dS is one fused pass written over the weight-gradient
-        GEMM's output (no fresh weight-sized buffer). On CUDA the masked_linear op runs (fused GEMMs where they are built).
-        """
-        if x.device.type != "cpu":
-            return torch.ops.maskprune.masked_linear(x, weight, scores, t, bias, abs_scores)
-        w_eff = torch.ops.maskprune.masked_weight(weight, scores, t, abs_scores, x.dtype)
-        return torch.nn.functional.linear(x, w_eff, None if bias is None else bias.to(x.dtype))
-    register_masked_linear_autograd(_lib + "masked_linear", torch.ops.maskprune.masked_linear_backward)
+    # apply_mask and masked_linear have their autograd in C++ (csrc/autograd.cpp): on CPU masked_linear
+    # keeps W ⊙ M from the forward for dX, and writes dS over its own weight-gradient GEMM's output.
 
     register_backend(Backend(
         name="cpp",
@@ -285,7 +268,7 @@ if HAS_CPP:
         threshold=lambda s, d, a, hint: torch.ops.maskprune.threshold(s, d, a, hint),
         global_threshold=lambda ss, d, a, hint: torch.ops.maskprune.global_threshold(ss, d, a, hint),
         apply_mask=lambda w, s, t, a: torch.ops.maskprune.apply_mask(w, s, t, a),
-        masked_linear=_cpp_masked_linear,
+        masked_linear=lambda x, w, s, t, b, a: torch.ops.maskprune.masked_linear(x, w, s, t, b, a),
         checks_finite=True,
     ))
 

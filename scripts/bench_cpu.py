@@ -100,7 +100,7 @@ def extra_passes(masked: nn.Module, step, repeats: int) -> dict[str, float]:
         out["threshold, hint = previous step's t"] += median_ms(lambda: ops.threshold(s, d, hint=hint), repeats)
         out["threshold, no hint (full radix select)"] += median_ms(lambda: ops.threshold(s, d), repeats)
         out["fused mask pass (W ⊙ M)"] += median_ms(
-            lambda: torch.ops.maskprune.masked_weight(w, s, t, True, None), repeats)
+            lambda: torch.ops.maskprune.apply_mask(w, s, t, True), repeats)
         # each call gets a fresh copy of the gradient (so values stay normal); the copy is subtracted
         copy_ms = median_ms(lambda: grad.copy_(w), repeats)
         out["fused dS pass (in place)"] += max(0.0, median_ms(

@@ -392,14 +392,16 @@ def test_threshold_hint_never_changes_the_result(device, backend, dtype, abs_sco
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-def test_threshold_hint_with_nonfinite_scores_still_raises(device, backend):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_threshold_hint_with_nonfinite_scores_still_raises(device, backend, bad):
     s = torch.randn(300, 101, device=device)
     t = maskprune.threshold(s, 0.5, backend=backend)
-    s[7, 7] = float("nan")
-    with pytest.raises(ValueError, match="scores.* finite"):
-        maskprune.threshold(s, 0.5, backend=backend, hint=t)
-    with pytest.raises(ValueError, match="scores.* finite"):
-        maskprune.global_threshold([s], 0.5, backend=backend, hint=t)
+    s[7, 7] = bad
+    for hint in [t, t * 1.001, -t]:
+        with pytest.raises(ValueError, match="scores.* finite"):
+            maskprune.threshold(s, 0.5, backend=backend, hint=hint)
+        with pytest.raises(ValueError, match="scores.* finite"):
+            maskprune.global_threshold([s[:100], s[100:]], 0.5, backend=backend, hint=hint)
 
 
 @pytest.mark.parametrize("bad,exc,match", [
@@ -601,6 +603,52 @@ def test_apply_mask_noncontiguous_and_stride0_grad(device, backend):
     assert_close(s_got.grad, s_ref.grad, TOL[torch.float32], "grad scores")
 
 
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_gradients_never_overwrite_tensors_the_caller_holds(device, backend):
+    """The C++ autograd writes dS in place only over a GEMM output of its own: a caller's upstream
+    gradient, a hook's view of a gradient and retained graphs stay intact."""
+    g = gen("no-overwrite")
+    weight = torch.randn(6, 9, generator=g).to(device)
+    scores = torch.randn(6, 9, generator=g).to(device).requires_grad_()
+    t = reference.threshold(scores.detach(), 0.5, True)
+    # apply_mask with the caller's own upstream gradient
+    upstream = torch.randn(6, 9, generator=g).to(device)
+    kept = upstream.clone()
+    maskprune.apply_mask(weight, scores, t, backend=backend).backward(upstream)
+    assert torch.equal(upstream, kept)
+    assert_close(scores.grad, torch.sign(scores.detach()) * weight * upstream, TOL[torch.float32], "dS")
+    # masked_linear: a hook that keeps the output gradient, a retained graph run twice, torch.autograd.grad
+    x = torch.randn(4, 9, generator=g).to(device).requires_grad_()
+    seen = []
+    y = maskprune.masked_linear(x, weight, scores, t, backend=backend)
+    y.register_hook(lambda grad: seen.append(grad))
+    grad_y = torch.randn(4, 6, generator=g).to(device)
+    grad_y_kept = grad_y.clone()
+    first = torch.autograd.grad(y, [x, scores], grad_y, retain_graph=True)
+    second = torch.autograd.grad(y, [x, scores], grad_y)
+    assert torch.equal(grad_y, grad_y_kept) and all(torch.equal(s_, grad_y_kept) for s_ in seen)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    w_eff = reference.apply_mask(weight, scores.detach(), t)
+    assert_close(first[0], grad_y @ w_eff, TOL[torch.float32], "dX")
+    assert_close(first[1], torch.sign(scores.detach()) * weight * (grad_y.t() @ x.detach()), TOL[torch.float32], "dS")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_masked_linear_gradient_accumulates_over_two_forwards(device, backend):
+    g = gen("two-forwards")
+    weight = torch.randn(5, 8, generator=g).to(device)
+    scores = torch.randn(5, 8, generator=g).to(device).requires_grad_()
+    t = reference.threshold(scores.detach(), 0.5, True)
+    x1, x2 = torch.randn(3, 8, generator=g).to(device), torch.randn(2, 8, generator=g).to(device)
+    loss = maskprune.masked_linear(x1, weight, scores, t, backend=backend).sum() \
+        + maskprune.masked_linear(x2, weight, scores, t, backend=backend).square().sum()
+    loss.backward()
+    s_ref = scores.detach().clone().requires_grad_()
+    (reference.masked_linear(x1, weight, s_ref, t).sum() + reference.masked_linear(x2, weight, s_ref, t).square().sum()).backward()
+    assert_close(scores.grad, s_ref.grad, TOL[torch.float32], "dS over two uses")
+
+
 # ============================================================================================
 # Gradients: gradcheck where the function is smooth, the STE formula where it is not
 # ============================================================================================
@@ -712,8 +760,6 @@ def opcheck_samples():
         ("apply_mask", (w, s, t, True), {}),
         ("apply_mask", (w, r(5, 7, rg=True), t, True), {}),
         ("apply_mask", (w.to(torch.bfloat16), r(5, 7, rg=True), t_raw, False), {"dtype": torch.float32}),
-        ("masked_weight", (w, r(5, 7, rg=True), t, True), {}),
-        ("masked_weight", (w.to(torch.bfloat16), r(5, 7, rg=True), t_raw, False), {"dtype": torch.bfloat16}),
         ("apply_mask", (w64, r(4, 6, dtype=torch.float64, rg=True), t64, True), {}),
         ("apply_mask", (w.t().contiguous().t(), s, t, True), {"dtype": torch.float16}),
         ("score_grad", (r(5, 7), w, s, True), {}),
@@ -738,7 +784,7 @@ OPCHECK_SAMPLES = opcheck_samples() if ops.HAS_CPP else []
 
 @needs_cpp
 def test_opcheck_covers_every_op():
-    schema_ops = {"threshold", "global_threshold", "apply_mask", "masked_weight", "score_grad", "score_grad_",
+    schema_ops = {"threshold", "global_threshold", "apply_mask", "score_grad", "score_grad_",
                   "masked_linear", "masked_linear_backward"}
     assert schema_ops <= {name for name, _, _ in OPCHECK_SAMPLES}
     for name in schema_ops:

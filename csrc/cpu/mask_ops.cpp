@@ -39,6 +39,8 @@ constexpr int64_t kGatherBlock = 64;
 // The hinted pass counts blocks of this many keys branch-free and gathers only blocks with a key
 // inside its window (a fraction of a percent of the keys, so few blocks).
 constexpr int64_t kWindowBlock = 64;
+// Gather buffers above this many keys per thread are freed after the call instead of kept.
+constexpr size_t kKeepCapacity = size_t{1} << 20;
 
 // Number of keys whose radix prefix marks NaN/inf: the exponent bits all lie inside the prefix.
 template <typename scalar_t, bool kAbs>
@@ -171,12 +173,12 @@ struct WindowCount {
 
 // One slice [begin, end) of the window pass: whole blocks of kWindowBlock keys are counted branch-free
 // (this vectorises); the few blocks with a key inside [lo, hi) are gathered branch-free into `out`.
+// `out` is a buffer whose first `used` entries are this thread's keys so far; it only grows.
 template <typename scalar_t, bool kAbs>
 void window_pass(const scalar_t* __restrict__ data, int64_t begin, int64_t end, scalar_t lo, scalar_t hi,
-                 std::vector<scalar_t>& out, WindowCount& count) {
+                 std::vector<scalar_t>& out, size_t& used, WindowCount& count) {
   const scalar_t big = std::numeric_limits<scalar_t>::max();
   auto key_at = [&](int64_t i) { return kAbs ? std::abs(data[i]) : data[i]; };
-  size_t used = out.size();
   int64_t above = 0, bad = 0, i0 = begin;
   for (; i0 + kWindowBlock <= end; i0 += kWindowBlock) {
     int32_t block_above = 0, block_bad = 0, inside = 0;
@@ -208,7 +210,6 @@ void window_pass(const scalar_t* __restrict__ data, int64_t begin, int64_t end, 
       out[used++] = key;
     }
   }
-  out.resize(used);
   count.above += above;
   count.bad += bad;
 }
@@ -218,29 +219,41 @@ std::optional<scalar_t> select_in_window(const std::vector<at::Tensor>& tensors,
                                          scalar_t hi) {
   const int threads = at::get_num_threads();
   std::vector<WindowCount> counts(threads);
-  // Per-thread gather buffers that live across calls (no allocation on the hot path).
+  std::vector<size_t> used(threads, 0);
+  // Per-thread gather buffers that live across calls (no allocation on the hot path); one that grew
+  // past kKeepCapacity keys (a window over a crowd of equal keys) is released after the call.
   static thread_local std::vector<std::vector<scalar_t>> gathered;
   if (gathered.size() < static_cast<size_t>(threads)) gathered.resize(threads);
-  for (int tid = 0; tid < threads; ++tid) gathered[tid].clear();
   auto* const gathered_base = gathered.data();
   for (const auto& t : tensors) {
     const scalar_t* data = t.data_ptr<scalar_t>();
     at::parallel_for(0, t.numel(), kGrain, [&](int64_t begin, int64_t end) {
       const int tid = at::get_thread_num();
-      window_pass<scalar_t, kAbs>(data, begin, end, lo, hi, gathered_base[tid], counts[tid]);
+      window_pass<scalar_t, kAbs>(data, begin, end, lo, hi, gathered_base[tid], used[tid], counts[tid]);
     });
   }
   int64_t bad = 0, above = 0, inside = 0;
   for (int tid = 0; tid < threads; ++tid) {
     bad += counts[tid].bad;
     above += counts[tid].above;
-    inside += static_cast<int64_t>(gathered[tid].size());
+    inside += static_cast<int64_t>(used[tid]);
   }
-  TORCH_CHECK_VALUE(bad == 0, "scores must be finite, found ", bad, " NaN or inf value(s)");
-  if (n_keep <= above || n_keep > above + inside) return std::nullopt;
+  auto release_large = [&] {
+    for (int tid = 0; tid < threads; ++tid) {
+      if (gathered[tid].size() > kKeepCapacity) std::vector<scalar_t>().swap(gathered[tid]);
+    }
+  };
+  if (bad != 0 || n_keep <= above || n_keep > above + inside) {
+    release_large();
+    TORCH_CHECK_VALUE(bad == 0, "scores must be finite, found ", bad, " NaN or inf value(s)");
+    return std::nullopt;
+  }
   std::vector<scalar_t> candidates;
   candidates.reserve(inside);
-  for (int tid = 0; tid < threads; ++tid) candidates.insert(candidates.end(), gathered[tid].begin(), gathered[tid].end());
+  for (int tid = 0; tid < threads; ++tid) {
+    candidates.insert(candidates.end(), gathered[tid].begin(), gathered[tid].begin() + used[tid]);
+  }
+  release_large();
   auto nth = candidates.begin() + (n_keep - above - 1);
   std::nth_element(candidates.begin(), nth, candidates.end(), std::greater<scalar_t>());
   return *nth;
@@ -252,7 +265,6 @@ constexpr int kWindowLog2[] = {9, 5};
 
 template <typename scalar_t, bool kAbs>
 std::optional<scalar_t> select_near_hint(const std::vector<at::Tensor>& tensors, int64_t n_keep, scalar_t hint) {
-  if (!std::isfinite(hint)) return std::nullopt;  // e.g. a float64 hint beyond the float32 range
   for (int log2 : kWindowLog2) {
     const scalar_t half = std::abs(hint) * std::ldexp(scalar_t(1), -log2);
     if (!(half > 0)) return std::nullopt;
@@ -278,19 +290,17 @@ at::Tensor threshold_of(const std::vector<at::Tensor>& scores, double density, b
     n += scores[i].numel();
   }
   const int64_t n_keep = n_keep_for(density, n);
-  // A hint is only a starting point: a non-finite one, or one on another device (reading it would
-  // wait for that device), means the full select.
-  if (hint.has_value() && hint->defined()) {
-    TORCH_CHECK_TYPE(at::isFloatingType(hint->scalar_type()), "hint must be a floating-point tensor, got ",
-                     hint->scalar_type());
-    TORCH_CHECK_VALUE(hint->dim() == 0, "hint must be a 0-d tensor (a previous threshold), got shape ",
-                      hint->sizes());
-  }
+  // A hint is only a starting point: one that cannot be a key of these scores (not finite in their
+  // dtype, or <= 0 for |S| keys), or one on another device (reading it would wait for that device),
+  // means the full select.
+  check_hint(hint);
   const bool use_hint = hint.has_value() && hint->defined() && hint->device().is_cpu();
   const double hint_value = use_hint ? hint->item<double>() : 0.0;
   return AT_DISPATCH_FLOATING_TYPES(dtype, "maskprune_threshold", [&] {
     std::optional<scalar_t> near;
-    if (use_hint) {
+    const bool usable = use_hint && std::abs(hint_value) <= std::numeric_limits<scalar_t>::max() &&
+                        !(abs_scores && !(hint_value > 0));  // the comparisons are false for NaN
+    if (usable) {
       const auto h = static_cast<scalar_t>(hint_value);
       near = abs_scores ? select_near_hint<scalar_t, true>(contiguous, n_keep, h)
                         : select_near_hint<scalar_t, false>(contiguous, n_keep, h);
@@ -327,8 +337,8 @@ void mask_loop(const weight_t* __restrict__ w, const score_t* __restrict__ s, ou
 }
 
 template <typename score_t, typename weight_t, typename grad_t, bool kAbs>
-void score_grad_loop(const grad_t* __restrict__ g, const weight_t* __restrict__ w, const score_t* __restrict__ s,
-                     score_t* __restrict__ out, int64_t begin, int64_t end) {
+void score_grad_loop(const grad_t* g, const weight_t* __restrict__ w, const score_t* __restrict__ s,
+                     score_t* out, int64_t begin, int64_t end) {  // out may alias g (score_grad_)
   for (int64_t i = begin; i < end; ++i) {
     const score_t v = static_cast<score_t>(w[i]) * static_cast<score_t>(g[i]);
     if constexpr (kAbs) {
@@ -409,7 +419,6 @@ TORCH_LIBRARY_IMPL(maskprune, CPU, m) {
   m.impl("threshold", &threshold_cpu);
   m.impl("global_threshold", &global_threshold_cpu);
   m.impl("apply_mask", &apply_mask_cpu);
-  m.impl("masked_weight", &apply_mask_cpu);
   m.impl("score_grad", &score_grad_cpu);
   m.impl("score_grad_", &score_grad_inplace_cpu);
 }

@@ -263,12 +263,14 @@ at::Tensor threshold_of(const std::vector<at::Tensor>& scores, double density, b
 // here would need a host synchronisation, so maskprune/ops.py checks finiteness on CUDA). The
 // selection is fast enough on the GPU that the hint (used by the CPU kernel) is not needed here.
 at::Tensor threshold_cuda(const at::Tensor& scores, double density, bool abs_scores,
-                          const std::optional<at::Tensor>& /*hint*/) {
+                          const std::optional<at::Tensor>& hint) {
+  check_hint(hint);
   return threshold_of({scores}, density, abs_scores);
 }
 
 at::Tensor global_threshold_cuda(at::TensorList scores, double density, bool abs_scores,
-                                 const std::optional<at::Tensor>& /*hint*/) {
+                                 const std::optional<at::Tensor>& hint) {
+  check_hint(hint);
   return threshold_of(scores.vec(), density, abs_scores);
 }
 
@@ -432,7 +434,6 @@ TORCH_LIBRARY_IMPL(maskprune, CUDA, m) {
   m.impl("threshold", &threshold_cuda);
   m.impl("global_threshold", &global_threshold_cuda);
   m.impl("apply_mask", &apply_mask_cuda);
-  m.impl("masked_weight", &apply_mask_cuda);
   m.impl("score_grad", &score_grad_cuda);
   m.impl("score_grad_", &score_grad_inplace_cuda);
 }
