@@ -1,4 +1,5 @@
-"""The benchmark scripts stay runnable: a tiny CPU run of bench_cpu, and bench_kernels' refusal without a GPU.
+"""The benchmark scripts stay runnable: tiny CPU runs of bench_cpu and bench_epoch, and bench_kernels' refusal
+without a GPU.
 
 Timings are never asserted here (they belong to the benchmarks); only that the scripts run and write
 what they promise.
@@ -28,6 +29,24 @@ def test_bench_cpu_tiny_run_writes_json(tmp_path):
     passes = result["extra_passes_ms"]
     assert len(passes) == 4 and all(ms >= 0 for ms in passes.values())
     assert any(name.startswith("threshold, hint") for name in passes)
+
+
+def test_bench_epoch_tiny_run_writes_json(tmp_path):
+    out = tmp_path / "epoch.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_epoch.py"), "--epochs", "1", "--rounds", "1",
+                           "--limit-train", "512", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert set(result["epoch_train_seconds"]) == {"dense", "mask"}
+    assert all(len(v) == 1 and v[0] > 0 for v in result["epoch_train_seconds"].values())
+    assert result["mask_over_dense"] == result["median_s"]["mask"] / result["median_s"]["dense"]
+    assert "mask / dense" in proc.stdout
+
+
+def test_bench_epoch_rejects_bad_options(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_epoch.py"), "--rounds", "0",
+                           "--out", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--rounds" in proc.stderr
 
 
 def test_bench_cpu_rejects_bad_threads(tmp_path):
