@@ -232,7 +232,8 @@ def plot(rows: list[dict], path: Path) -> None:
         panels.append((net, 0.0))
         if 0 < spread(net, 0.1) < spread(net, 0.0) / 5:
             panels.append((net, 0.1))
-    total = len(panels) + 1
+    has_global = any(r["policy"] == "global" for r in rows)
+    total = len(panels) + has_global  # the layer-wise vs global panel only when there is a global run
     ncols = 2 if total in (2, 4) else min(total, 3)
     nrows = -(-total // ncols)
     fig, grid_axes = plt.subplots(nrows, ncols, figsize=(5.6 * ncols, 4.3 * nrows), squeeze=False)
@@ -267,25 +268,26 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         if not min_density:
             ax.legend(fontsize=7)
-    ax = axes[0][-1]
-    for (net, width), marker in zip([(n, w) for n in nets for w in sorted({r["width"] for r in rows if r["net"] == n})],
-                                    "osD^v<>"):
-        for policy, color in (("layerwise", "C0"), ("global", "C3")):
-            glob_d = {r["density"] for r in rows if r["net"] == net and r["width"] == width and r["policy"] == "global"}
-            rs = sorted((r for r in rows if r["net"] == net and r["width"] == width and r["policy"] == policy
-                         and r["init"] == "signed_constant" and r["density"] in glob_d), key=lambda r: r["density"])
-            if rs:
-                ax.plot([r["density"] for r in rs], [r["test_acc_mean"] for r in rs], color=color, marker=marker,
-                        ls="-" if width == 1 else "--", label=f"{net} w{width:g} {policy}")
-    ax.set_xscale("log")
-    ax.set_xticks(DENSITIES, [f"{d:g}" for d in DENSITIES])
-    ax.minorticks_off()
-    ax.set_xlabel("density")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("layer-wise vs global top-k (signed constant)")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+    if has_global:
+        ax = axes[0][-1]
+        for (net, width), marker in zip([(n, w) for n in nets for w in sorted({r["width"] for r in rows if r["net"] == n})],
+                                        "osD^v<>"):
+            for policy, color in (("layerwise", "C0"), ("global", "C3")):
+                glob_d = {r["density"] for r in rows if r["net"] == net and r["width"] == width and r["policy"] == "global"}
+                rs = sorted((r for r in rows if r["net"] == net and r["width"] == width and r["policy"] == policy
+                             and r["init"] == "signed_constant" and r["density"] in glob_d), key=lambda r: r["density"])
+                if rs:
+                    ax.plot([r["density"] for r in rs], [r["test_acc_mean"] for r in rs], color=color, marker=marker,
+                            ls="-" if width == 1 else "--", label=f"{net} w{width:g} {policy}")
+        ax.set_xscale("log")
+        ax.set_xticks(DENSITIES, [f"{d:g}" for d in DENSITIES])
+        ax.minorticks_off()
+        ax.set_xlabel("density")
+        ax.set_ylabel("test accuracy")
+        ax.set_title("layer-wise vs global top-k (signed constant)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
