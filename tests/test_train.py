@@ -351,3 +351,48 @@ def test_ddp_two_cpu_processes_agree_with_one(tmp_path, monkeypatch):
     b = torch.load(tmp_path / "one" / "last.pt", weights_only=False)["model"]
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-4, rtol=1e-3), key
+
+
+# -- CUDA (skipped with "needs a CUDA GPU" elsewhere) ----------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["mask", "dense"])
+def test_cuda_run_uses_bf16_autocast_and_learns(tmp_path, mode):
+    summary = train(tiny(device="cuda", mode=mode, epochs=2), tmp_path / "run", quiet=True)
+    assert summary["device"] == torch.cuda.get_device_name() and summary["autocast"] == "bf16"
+    rows = metrics(tmp_path / "run")
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in rows)
+    assert summary["test_acc_last"] > 0.6  # 2 epochs on 512 images: far above chance (0.1)
+    if mode == "mask":
+        assert summary["kept_fraction"] == pytest.approx(0.5, abs=1e-5)
+        assert summary["backend"] in ("triton", "cpp", "torch")
+
+
+@needs_cuda
+def test_cuda_amp_off_matches_cpu_run_closely(tmp_path):
+    """Without autocast a CUDA run computes what the CPU run does (float32; TF32 is off by default in torch)."""
+    gpu = train(tiny(device="cuda", amp=False, epochs=1), tmp_path / "gpu", quiet=True)
+    cpu = train(tiny(epochs=1), tmp_path / "cpu", quiet=True)
+    assert gpu["autocast"] is None
+    assert gpu["test_acc_last"] == pytest.approx(cpu["test_acc_last"], abs=0.02)
+    assert gpu["kept_weights"] == pytest.approx(cpu["kept_weights"], abs=3)
+
+
+@needs_cuda
+def test_ddp_nccl_one_gpu_process_runs(tmp_path):
+    """torchrun on CUDA uses nccl; one process per GPU (one GPU suffices to exercise the path)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "maskprune", "train", "--model", "lenet300",
+           "--dataset", "mnist", "--epochs", "1", "--batch-size", "64", "--limit-train", "1024", "--device", "cuda",
+           "--quiet", "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["device"] == torch.cuda.get_device_name()
+    assert summary["test_acc_last"] > 0.5
