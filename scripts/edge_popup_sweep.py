@@ -72,7 +72,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = leave torch's default)")
     p.add_argument("--run", default=None, help="run name (default: UTC time)")
     p.add_argument("--out", default=None, help="output folder (default results/edge_popup_sweep/<run>)")
+    p.add_argument("--combine", nargs="+", metavar="RESULTS_JSON", default=None,
+                   help="train nothing: merge the points of these runs (a point in several runs counts once) "
+                        "into combined.json and combined.png under --out or results/edge_popup_sweep/<run>")
     args = p.parse_args(argv)
+    if args.combine:
+        missing = [f for f in args.combine if not Path(f).is_file()]
+        if missing:
+            p.error(f"--combine: no such results.json: {', '.join(missing)}")
     if args.quick:
         args.densities, args.inits, args.widths, args.seeds = "0.05,0.5", "signed_constant,kaiming_normal", "1", "0"
         args.epochs, args.train_limit, args.global_densities = 1, 2000, "0.05"
@@ -293,10 +300,28 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def combine(files: list[str], folder: Path) -> Path:
+    """One summary and figure over several runs (e.g. a grid run by parts, or more seeds added later)."""
+    points: dict[tuple, dict] = {}
+    for f in files:
+        for pt in json.loads(Path(f).read_text())["points"]:
+            key = tuple(pt[k] for k in ("net", "mode", "policy", "density", "init", "width", "seed"))
+            points.setdefault(key, pt)
+    rows = summarize(list(points.values()))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "combined.json").write_text(json.dumps({"sources": files, "points": len(points), "summary": rows},
+                                                     indent=1))
+    plot(rows, folder / "combined.png")
+    print(f"wrote {folder / 'combined.json'} and {folder / 'combined.png'} ({len(points)} points)")
+    return folder
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    _common.setup_threads(args.threads)
     folder = _common.run_dir("edge_popup_sweep", args.run, args.out)
+    if args.combine:
+        return combine(args.combine, folder)
+    _common.setup_threads(args.threads)
     config = dict(vars(args))
     config["issue_grid"] = {"densities": list(DENSITIES), "inits": list(INITS), "widths": [1, 2],
                             "nets": dict(NETS), "global_vs_layerwise_densities": 3}

@@ -48,6 +48,21 @@ def test_grid_points(quick_run):
     assert all(r["gap_to_dense"] is not None for r in rows)
 
 
+def test_combine_merges_runs_counting_a_point_once(quick_run, tmp_path):
+    """--combine over the same run twice gives the run's own summary (each point counted once)."""
+    src = str(quick_run / "results.json")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--combine", src, src, "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    combined = json.loads((tmp_path / "combined.json").read_text())
+    record = json.loads((quick_run / "results.json").read_text())
+    assert combined["points"] == len(record["points"]) and combined["summary"] == record["summary"]
+    assert (tmp_path / "combined.png").stat().st_size > 10_000
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--combine", str(tmp_path / "nope.json")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--combine: no such results.json" in proc.stderr
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--nets", "resnet50"], "--nets: unknown net"),
     (["--inits", "zeros"], "--inits: unknown weight init"),
