@@ -15,16 +15,18 @@ from . import ops
 
 
 def _cache_key(scores_list: Sequence[torch.Tensor], density: float, abs_scores: bool) -> tuple:
-    return (density, abs_scores, tuple((s.data_ptr(), s.device, s._version) for s in scores_list))
+    """(which scores and settings, their versions): a threshold is current while both match."""
+    return ((density, abs_scores, tuple((s.data_ptr(), s.device) for s in scores_list)),
+            tuple(s._version for s in scores_list))
 
 
-def _hint(cached: tuple | None, key: tuple) -> torch.Tensor | None:
-    """The cached threshold when only the scores' versions changed since (same tensors and settings)."""
-    if cached is None:
-        return None
-    old_key, t = cached
-    same = old_key[:2] == key[:2] and [k[:2] for k in old_key[2]] == [k[:2] for k in key[2]]
-    return t if same else None
+def _refresh(cached: tuple | None, key: tuple, compute) -> tuple:
+    """The (key, threshold) cache entry for `key`: the cached one while current, else a new one,
+    computed with the cached threshold as hint when only the versions changed (an optimizer step)."""
+    if cached is not None and cached[0] == key:
+        return cached
+    same_scores = cached is not None and cached[0][0] == key[0]
+    return key, compute(cached[1] if same_scores else None)
 
 
 class MaskPolicy:
@@ -47,10 +49,8 @@ class LayerwiseTopK(MaskPolicy):
         if torch.compiler.is_compiling():
             return compute()
         key = _cache_key([layer.scores], layer.density, layer.abs_scores)
-        cached = layer.__dict__.get("_threshold_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, compute(_hint(cached, key)))
-            layer.__dict__["_threshold_cache"] = cached
+        cached = _refresh(layer.__dict__.get("_threshold_cache"), key, compute)
+        layer.__dict__["_threshold_cache"] = cached
         return cached[1]
 
 
@@ -74,9 +74,7 @@ class GlobalTopK(MaskPolicy):
                                                          backend=self.backend, hint=hint)
         if torch.compiler.is_compiling():
             return compute()
-        key = _cache_key(scores, self.density, self.abs_scores)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, compute(_hint(self._cache, key)))
+        self._cache = _refresh(self._cache, _cache_key(scores, self.density, self.abs_scores), compute)
         return self._cache[1]
 
 
