@@ -21,25 +21,18 @@ using torch::autograd::variable_list;
 struct StraightThroughMask : public torch::autograd::Function<StraightThroughMask> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& scores,
                             const at::Tensor& t, bool abs_scores, std::optional<at::ScalarType> dtype) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("maskprune::apply_mask", "")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
-                                           std::optional<at::ScalarType>)>();
     ctx->save_for_backward({weight, scores});
     ctx->saved_data["abs_scores"] = abs_scores;
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return op.call(weight, scores, t, abs_scores, dtype);
+    return call_apply_mask(weight, scores, t, abs_scores, dtype);
   }
 
   // dS in a new tensor: the incoming gradient may belong to the caller (apply_mask is public).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto score_grad = c10::Dispatcher::singleton()
-                                 .findSchemaOrThrow("maskprune::score_grad", "")
-                                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
     const auto saved = ctx->get_saved_variables();
     at::Tensor grad_scores;
     if (ctx->needs_input_grad(1) && grads[0].defined()) {
-      grad_scores = score_grad.call(grads[0], saved[0], saved[1], ctx->saved_data["abs_scores"].toBool());
+      grad_scores = call_score_grad(grads[0], saved[0], saved[1], ctx->saved_data["abs_scores"].toBool());
     }
     return {at::Tensor(), grad_scores, at::Tensor(), at::Tensor(), at::Tensor()};
   }

@@ -9,10 +9,9 @@
 #include "masked_linear.h"
 
 namespace maskprune {
-namespace {
 
 at::Tensor call_apply_mask(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& t,
-                           bool abs_scores, at::ScalarType dtype) {
+                           bool abs_scores, std::optional<at::ScalarType> dtype) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("maskprune::apply_mask", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
@@ -20,8 +19,18 @@ at::Tensor call_apply_mask(const at::Tensor& weight, const at::Tensor& scores, c
   return op.call(weight, scores, t, abs_scores, dtype);
 }
 
+at::Tensor call_score_grad(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& scores,
+                           bool abs_scores) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("maskprune::score_grad", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
+  return op.call(grad_weight, weight, scores, abs_scores);
+}
+
+namespace {
+
 // dS from a freshly computed weight gradient, written over it when the dtypes allow (one buffer less).
-at::Tensor call_score_grad(at::Tensor grad_weight, const at::Tensor& weight, const at::Tensor& scores,
+at::Tensor score_grad_over(at::Tensor grad_weight, const at::Tensor& weight, const at::Tensor& scores,
                            bool abs_scores) {
   if (grad_weight.scalar_type() == scores.scalar_type() && grad_weight.is_contiguous()) {
     static auto inplace = c10::Dispatcher::singleton()
@@ -30,10 +39,7 @@ at::Tensor call_score_grad(at::Tensor grad_weight, const at::Tensor& weight, con
     inplace.call(grad_weight, weight, scores, abs_scores);
     return grad_weight;
   }
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("maskprune::score_grad", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
-  return op.call(grad_weight, weight, scores, abs_scores);
+  return call_score_grad(grad_weight, weight, scores, abs_scores);
 }
 
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores,
@@ -59,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad
     const int64_t rows = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
     const auto g2d = g.reshape({rows, out_features});
     const auto x2d = x.reshape({rows, in_features});
-    grad_scores = call_score_grad(at::mm(g2d.t(), x2d), weight, scores, abs_scores);
+    grad_scores = score_grad_over(at::mm(g2d.t(), x2d), weight, scores, abs_scores);
   }
   return {grad_x, grad_scores};
 }

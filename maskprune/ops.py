@@ -146,7 +146,7 @@ register_backend(Backend(
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd formulas shared by every op-level backend (cpp, triton): the straight-through estimator
+# Autograd formulas of the Triton ops (the C++ ops carry the same in csrc/autograd.cpp)
 # --------------------------------------------------------------------------------------------
 
 def register_apply_mask_autograd(op, score_grad_op: Callable) -> None:
@@ -193,7 +193,7 @@ def register_masked_linear_autograd(op, backward_op: Callable) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The C++/CUDA extension: fake (meta) kernels and autograd for the ops whose schema is in csrc/ops.cpp
+# The C++/CUDA extension: fake (meta) kernels for the ops whose schema is in csrc/ops.cpp
 # --------------------------------------------------------------------------------------------
 
 def _load_extension() -> bool:
