@@ -106,23 +106,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 # the grid: (net, mode, policy, density, init, width, seed), in the order it runs
 
 def grid(args) -> list[dict]:
-    def lenet(seed):
-        pts = [dict(net="lenet300", mode="dense", policy="-", density=1.0, init="-", width=w, seed=seed)
-               for w in args.widths]
-        pts += [dict(net="lenet300", mode="mask", policy="layerwise", density=d, init=i, width=w, seed=seed)
-                for d in args.densities for i in args.inits for w in args.widths]
-        pts += [dict(net="lenet300", mode="mask", policy="global", density=d, init="signed_constant", width=w,
-                     seed=seed) for d in args.global_densities for w in args.widths]
+    def net_points(net, densities, inits, widths, global_densities, seed):
+        pts = [dict(net=net, mode="dense", policy="-", density=1.0, init="-", width=w, seed=seed) for w in widths]
+        pts += [dict(net=net, mode="mask", policy="layerwise", density=d, init=i, width=w, seed=seed)
+                for d in densities for i in inits for w in widths]
+        pts += [dict(net=net, mode="mask", policy="global", density=d, init="signed_constant", width=w, seed=seed)
+                for d in global_densities for w in widths]
         return pts
 
+    def lenet(seed):
+        return net_points("lenet300", args.densities, args.inits, args.widths, args.global_densities, seed)
+
     def conv(seed):
-        pts = [dict(net="conv4", mode="dense", policy="-", density=1.0, init="-", width=w, seed=seed)
-               for w in args.conv_widths]
-        pts += [dict(net="conv4", mode="mask", policy="layerwise", density=d, init=i, width=w, seed=seed)
-                for d in args.conv_densities for i in args.conv_inits for w in args.conv_widths]
-        pts += [dict(net="conv4", mode="mask", policy="global", density=d, init="signed_constant", width=w,
-                     seed=seed) for d in args.conv_global_densities for w in args.conv_widths]
-        return pts
+        return net_points("conv4", args.conv_densities, args.conv_inits, args.conv_widths, args.conv_global_densities,
+                          seed)
 
     # first seed of each net first, so a run cut off early still covers both networks
     out = []
