@@ -78,15 +78,20 @@ inline void check_hint(const std::optional<at::Tensor>& hint) {
 }
 
 // masked_linear and its backward (the composite in masked_linear.cpp and the CUDA kernels).
-inline void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores,
-                              const at::Tensor& t) {
-  check_mask_args(weight, scores, t);
+// x against the weight; masked_linear_topk checks this before a threshold exists.
+inline void check_linear_shapes(const at::Tensor& x, const at::Tensor& weight) {
   check_float(x, "x");
   check_same_device(x, "x", weight, "weight");
   TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (out_features, in_features), got shape ",
                     weight.sizes());
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == weight.size(1), "x's last dimension must equal in_features=",
                     weight.size(1), ", got shape ", x.sizes());
+}
+
+inline void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores,
+                              const at::Tensor& t) {
+  check_mask_args(weight, scores, t);
+  check_linear_shapes(x, weight);
 }
 
 inline void check_linear_bias(const at::Tensor& bias, const at::Tensor& weight) {

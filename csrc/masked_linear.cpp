@@ -1,4 +1,4 @@
-// masked_linear and its backward as device-generic composites: the fused mask pass (apply_mask)
+// masked_linear (also with its threshold found in the same call) and its backward as device-generic composites: the fused mask pass (apply_mask)
 // feeds the platform GEMM (MKL/oneDNN on CPU, cuBLAS on CUDA), and the weight-gradient GEMM feeds
 // the fused score-gradient pass. A backend with fully fused GEMMs overrides these per device.
 #include <ATen/ATen.h>
@@ -27,7 +27,63 @@ at::Tensor call_score_grad(const at::Tensor& grad_weight, const at::Tensor& weig
   return op.call(grad_weight, weight, scores, abs_scores);
 }
 
+std::tuple<at::Tensor, at::Tensor> call_threshold_and_mask(const at::Tensor& weight, const at::Tensor& scores,
+                                                           double density, bool abs_scores,
+                                                           const std::optional<at::Tensor>& hint,
+                                                           std::optional<at::ScalarType> dtype) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("maskprune::threshold_and_mask", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double, bool,
+                                                                 const std::optional<at::Tensor>&,
+                                                                 std::optional<at::ScalarType>)>();
+  return op.call(weight, scores, density, abs_scores, hint, dtype);
+}
+
+at::Tensor call_threshold(const at::Tensor& scores, double density, bool abs_scores,
+                          const std::optional<at::Tensor>& hint) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("maskprune::threshold", "")
+                       .typed<at::Tensor(const at::Tensor&, double, bool, const std::optional<at::Tensor>&)>();
+  return op.call(scores, density, abs_scores, hint);
+}
+
+at::Tensor call_masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores,
+                              const at::Tensor& t, const std::optional<at::Tensor>& bias, bool abs_scores) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("maskprune::masked_linear", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const std::optional<at::Tensor>&, bool)>();
+  return op.call(x, weight, scores, t, bias, abs_scores);
+}
+
 namespace {
+
+// The bias in x's dtype, checked; cast only when needed: an operator below autograd must not hand
+// back its input (opcheck).
+std::optional<at::Tensor> bias_for(const std::optional<at::Tensor>& bias, const at::Tensor& x,
+                                   const at::Tensor& weight) {
+  if (!bias.has_value() || !bias->defined()) return std::nullopt;
+  check_linear_bias(*bias, weight);
+  return bias->scalar_type() == x.scalar_type() ? *bias : bias->to(x.scalar_type());
+}
+
+// The two ops one after the other, for devices without a fused kernel.
+std::tuple<at::Tensor, at::Tensor> threshold_and_mask(const at::Tensor& weight, const at::Tensor& scores,
+                                                      double density, bool abs_scores,
+                                                      const std::optional<at::Tensor>& hint,
+                                                      std::optional<at::ScalarType> dtype) {
+  auto t = call_threshold(scores, density, abs_scores, hint);
+  return {t, call_apply_mask(weight, scores, t, abs_scores, dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_linear_topk(const at::Tensor& x, const at::Tensor& weight,
+                                                      const at::Tensor& scores, double density,
+                                                      const std::optional<at::Tensor>& bias, bool abs_scores,
+                                                      const std::optional<at::Tensor>& hint) {
+  check_linear_shapes(x, weight);
+  auto t = call_threshold(scores, density, abs_scores, hint);
+  return {call_masked_linear(x, weight, scores, t, bias, abs_scores), t};
+}
 
 // dS from a freshly computed weight gradient, written over it when the dtypes allow (one buffer less).
 at::Tensor score_grad_over(at::Tensor grad_weight, const at::Tensor& weight, const at::Tensor& scores,
@@ -77,19 +133,27 @@ std::pair<at::Tensor, at::Tensor> masked_linear_keeping_weight(const at::Tensor&
                                                                const std::optional<at::Tensor>& bias,
                                                                bool abs_scores) {
   check_linear_args(x, weight, scores, t);
-  std::optional<at::Tensor> b;
-  if (bias.has_value() && bias->defined()) {
-    check_linear_bias(*bias, weight);
-    // cast only when needed: an operator below autograd must not hand back its input (opcheck)
-    b = bias->scalar_type() == x.scalar_type() ? *bias : bias->to(x.scalar_type());
-  }
+  const auto b = bias_for(bias, x, weight);
   auto w_eff = call_apply_mask(weight, scores, t, abs_scores, x.scalar_type());
   auto y = at::linear(x, w_eff, b);
   return {std::move(y), std::move(w_eff)};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_topk_keeping_weight(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores, double density,
+    const std::optional<at::Tensor>& bias, bool abs_scores, const std::optional<at::Tensor>& hint) {
+  check_linear_shapes(x, weight);
+  auto [t, w_eff] = call_threshold_and_mask(weight, scores, density, abs_scores, hint, x.scalar_type());
+  check_linear_args(x, weight, scores, t);
+  const auto b = bias_for(bias, x, weight);
+  auto y = at::linear(x, w_eff, b);
+  return {std::move(y), std::move(t), std::move(w_eff)};
+}
+
 TORCH_LIBRARY_IMPL(maskprune, CompositeExplicitAutograd, m) {
+  m.impl("threshold_and_mask", &threshold_and_mask);
   m.impl("masked_linear", &masked_linear);
+  m.impl("masked_linear_topk", &masked_linear_topk);
   m.impl("masked_linear_backward", &masked_linear_backward);
 }
 

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
 #include <utility>
 
 namespace maskprune {
@@ -15,11 +16,27 @@ at::Tensor call_apply_mask(const at::Tensor& weight, const at::Tensor& scores, c
 at::Tensor call_score_grad(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& scores,
                            bool abs_scores);
 
+// The threshold, threshold_and_mask and masked_linear ops, called through the dispatcher.
+at::Tensor call_threshold(const at::Tensor& scores, double density, bool abs_scores,
+                          const std::optional<at::Tensor>& hint);
+std::tuple<at::Tensor, at::Tensor> call_threshold_and_mask(const at::Tensor& weight, const at::Tensor& scores,
+                                                           double density, bool abs_scores,
+                                                           const std::optional<at::Tensor>& hint,
+                                                           std::optional<at::ScalarType> dtype);
+at::Tensor call_masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores,
+                              const at::Tensor& t, const std::optional<at::Tensor>& bias, bool abs_scores);
+
 // (Y, W ⊙ M): the fused mask pass (in x's dtype) and the platform GEMM; W ⊙ M is returned too, so that
 // autograd can keep it for dX instead of masking again in the backward.
 std::pair<at::Tensor, at::Tensor> masked_linear_keeping_weight(const at::Tensor& x, const at::Tensor& weight,
                                                                const at::Tensor& scores, const at::Tensor& t,
                                                                const std::optional<at::Tensor>& bias,
                                                                bool abs_scores);
+
+// (Y, t, W ⊙ M) with t the layer-wise threshold, found in the same pass over the scores as W ⊙ M where
+// the device has a fused kernel (threshold_and_mask).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_topk_keeping_weight(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores, double density,
+    const std::optional<at::Tensor>& bias, bool abs_scores, const std::optional<at::Tensor>& hint);
 
 }  // namespace maskprune

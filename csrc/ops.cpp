@@ -24,8 +24,18 @@ TORCH_LIBRARY(maskprune, m) {
   m.def("score_grad(Tensor grad_weight, Tensor weight, Tensor scores, bool abs_scores) -> Tensor");
   // The same, written over grad_weight (which must have the scores' dtype and be contiguous).
   m.def("score_grad_(Tensor(a!) grad_weight, Tensor weight, Tensor scores, bool abs_scores) -> ()");
+  // (t, W * 1[key >= t]) of threshold(scores, density, abs_scores, hint) and apply_mask(weight, scores, t,
+  // abs_scores, dtype) together: on CPU one pass over the scores when t lies near the hint.
+  m.def(
+      "threshold_and_mask(Tensor weight, Tensor scores, float density, bool abs_scores, Tensor? hint=None, "
+      "ScalarType? dtype=None) -> (Tensor, Tensor)");
   // Y = X (W * M)^T (+ b) over x of shape (..., in_features), computed in x's dtype.
   m.def("masked_linear(Tensor x, Tensor weight, Tensor scores, Tensor t, Tensor? bias, bool abs_scores) -> Tensor");
+  // (Y, t): masked_linear whose layer-wise threshold t is found in the same call (through threshold_and_mask),
+  // for a layer whose scores changed since its last threshold (a training step).
+  m.def(
+      "masked_linear_topk(Tensor x, Tensor weight, Tensor scores, float density, Tensor? bias, bool abs_scores, "
+      "Tensor? hint=None) -> (Tensor, Tensor)");
   // (dX, dS) of masked_linear; an output that is not needed comes back as an empty tensor.
   m.def(
       "masked_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor scores, Tensor t, "

@@ -3,7 +3,8 @@
 `LayerwiseTopK` keeps the top `density` fraction of each layer (edge-popup); `GlobalTopK` keeps
 the top fraction of all its layers' scores together. Both cache the threshold against the scores'
 version counters, so it is computed once per optimizer step, not on every forward pass, and hand
-the previous step's threshold to the op as a hint (the CPU kernel then searches near it first).
+the previous step's threshold to the op as a hint (the CPU kernel then searches near it first). A
+layer-wise MaskedLinear gets its new threshold from its forward op itself (`LayerwiseTopK.linear`).
 """
 from __future__ import annotations
 
@@ -20,13 +21,16 @@ def _cache_key(scores_list: Sequence[torch.Tensor], density: float, abs_scores: 
             tuple(s._version for s in scores_list))
 
 
+def _hint(cached: tuple | None, key: tuple) -> torch.Tensor | None:
+    """The cached threshold when only the versions changed (an optimizer step): a hint for the new one."""
+    return cached[1] if cached is not None and cached[0][0] == key[0] else None
+
+
 def _refresh(cached: tuple | None, key: tuple, compute) -> tuple:
-    """The (key, threshold) cache entry for `key`: the cached one while current, else a new one,
-    computed with the cached threshold as hint when only the versions changed (an optimizer step)."""
+    """The (key, threshold) cache entry for `key`: the cached one while current, else a new one."""
     if cached is not None and cached[0] == key:
         return cached
-    same_scores = cached is not None and cached[0][0] == key[0]
-    return key, compute(cached[1] if same_scores else None)
+    return key, compute(_hint(cached, key))
 
 
 class MaskPolicy:
@@ -52,6 +56,19 @@ class LayerwiseTopK(MaskPolicy):
         cached = _refresh(layer.__dict__.get("_threshold_cache"), key, compute)
         layer.__dict__["_threshold_cache"] = cached
         return cached[1]
+
+    def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """A MaskedLinear's output. After the scores changed, its new threshold comes from the same call
+        (masked_linear_topk: on CPU found in the mask pass itself) instead of a pass of its own."""
+        key = None if torch.compiler.is_compiling() else _cache_key([layer.scores], layer.density, layer.abs_scores)
+        cached = layer.__dict__.get("_threshold_cache")
+        if key is None or (cached is not None and cached[0] == key):
+            return ops.masked_linear(x, layer.weight, layer.scores, self.threshold(layer), layer.bias,
+                                     abs_scores=layer.abs_scores, backend=layer.backend)
+        y, t = ops.masked_linear_topk(x, layer.weight, layer.scores, layer.density, layer.bias,
+                                      abs_scores=layer.abs_scores, backend=layer.backend, hint=_hint(cached, key))
+        layer.__dict__["_threshold_cache"] = (key, t)
+        return y
 
 
 class GlobalTopK(MaskPolicy):

@@ -65,13 +65,17 @@ def _check_scores(scores, name: str = "scores") -> torch.Tensor:
     return scores
 
 
-def _check_mask_args(weight, scores, t) -> torch.Tensor:
-    """Checks weight/scores/t and returns t as a 0-d tensor of the scores' dtype and device."""
+def _check_weight_and_scores(weight, scores) -> None:
     _check_tensor(weight, "weight", FLOAT_DTYPES)
     _check_scores(scores)
     if weight.shape != scores.shape:
         raise ValueError(f"scores must have the weight's shape {tuple(weight.shape)}, got {tuple(scores.shape)}")
     _check_same_device("weight", weight, "scores", scores)
+
+
+def _check_mask_args(weight, scores, t) -> torch.Tensor:
+    """Checks weight/scores/t and returns t as a 0-d tensor of the scores' dtype and device."""
+    _check_weight_and_scores(weight, scores)
     if isinstance(t, (int, float)) and not isinstance(t, bool):
         t = torch.tensor(float(t), dtype=scores.dtype, device=scores.device)
     _check_tensor(t, "t", FLOAT_DTYPES)
@@ -79,6 +83,21 @@ def _check_mask_args(weight, scores, t) -> torch.Tensor:
         raise ValueError(f"t must be a 0-d tensor (a threshold), got shape {tuple(t.shape)}")
     _check_same_device("t", t, "scores", scores)
     return t.detach().to(scores.dtype)
+
+
+def _check_linear_args(x, weight: torch.Tensor, bias) -> None:
+    """x and bias against a (checked) weight of shape (out_features, in_features)."""
+    _check_tensor(x, "x", FLOAT_DTYPES)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x's last dimension must equal in_features={weight.shape[1]}, got shape {tuple(x.shape)}")
+    _check_same_device("x", x, "weight", weight)
+    if bias is not None:
+        _check_tensor(bias, "bias", FLOAT_DTYPES)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},) (out_features), got {tuple(bias.shape)}")
+        _check_same_device("bias", bias, "weight", weight)
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,6 +115,8 @@ class Backend:
     apply_mask: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
     masked_linear: Callable[..., torch.Tensor]
     checks_finite: bool = False  # True where the kernel itself rejects NaN/inf scores on that device
+    # (x, weight, scores, density, bias, abs, hint) -> (Y, t) in one call; None: threshold, then masked_linear
+    masked_linear_topk: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -253,14 +274,22 @@ if HAS_CPP:
     def _(x, weight, scores, t, bias, abs_scores):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
+    @torch.library.register_fake(_lib + "threshold_and_mask")
+    def _(weight, scores, density, abs_scores, hint=None, dtype=None):
+        return scores.new_empty(()), weight.new_empty(weight.shape, dtype=dtype or weight.dtype)
+
+    @torch.library.register_fake(_lib + "masked_linear_topk")
+    def _(x, weight, scores, density, bias, abs_scores, hint=None):
+        return x.new_empty((*x.shape[:-1], weight.shape[0])), scores.new_empty(())
+
     @torch.library.register_fake(_lib + "masked_linear_backward")
     def _(grad_out, x, weight, scores, t, abs_scores, need_grad_x, need_grad_scores):
         grad_x = x.new_empty(x.shape) if need_grad_x else x.new_empty((0,))
         grad_scores = scores.new_empty(scores.shape) if need_grad_scores else scores.new_empty((0,))
         return grad_x, grad_scores
 
-    # apply_mask and masked_linear have their autograd in C++ (csrc/autograd.cpp): on CPU masked_linear
-    # keeps W ⊙ M from the forward for dX, and writes dS over its own weight-gradient GEMM's output.
+    # apply_mask, masked_linear and masked_linear_topk have their autograd in C++ (csrc/autograd.cpp): on
+    # CPU the forward keeps W ⊙ M for dX, and dS is written over the backward's own weight-gradient GEMM output.
 
     register_backend(Backend(
         name="cpp",
@@ -270,6 +299,8 @@ if HAS_CPP:
         apply_mask=lambda w, s, t, a: torch.ops.maskprune.apply_mask(w, s, t, a),
         masked_linear=lambda x, w, s, t, b, a: torch.ops.maskprune.masked_linear(x, w, s, t, b, a),
         checks_finite=True,
+        masked_linear_topk=lambda x, w, s, d, b, a, hint: torch.ops.maskprune.masked_linear_topk(x, w, s, d, b, a,
+                                                                                                  hint),
     ))
 
 
@@ -356,16 +387,28 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, t
     (e.g. float32 weights under bf16 autocast) is cast in the mask pass.
     """
     t = _check_mask_args(weight, scores, t)
-    _check_tensor(x, "x", FLOAT_DTYPES)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x's last dimension must equal in_features={weight.shape[1]}, got shape {tuple(x.shape)}")
-    _check_same_device("x", x, "weight", weight)
-    if bias is not None:
-        _check_tensor(bias, "bias", FLOAT_DTYPES)
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must have shape ({weight.shape[0]},) (out_features), got {tuple(bias.shape)}")
-        _check_same_device("bias", bias, "weight", weight)
+    _check_linear_args(x, weight, bias)
     impl = resolve_backend(backend, x.device)
     return impl.masked_linear(x, weight, scores, t, bias, bool(abs_scores))
+
+
+def masked_linear_topk(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, density: float,
+                       bias: torch.Tensor | None = None, *, abs_scores: bool = True, backend: str = "auto",
+                       hint: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y, t): masked_linear with t = threshold(scores, density, hint=hint) found in the same call.
+
+    What a masked layer runs after an optimizer step: the C++ CPU kernel then finds t in the mask pass
+    itself (one read of the scores less), when t lies within 0.2% of the hint. Y and t are exactly
+    those of threshold() followed by masked_linear(); t carries no gradient.
+    """
+    _check_weight_and_scores(weight, scores)
+    _check_linear_args(x, weight, bias)
+    density = check_density(density)
+    hint = _check_hint(hint)
+    impl = resolve_backend(backend, x.device)
+    if not (impl.checks_finite and scores.device.type == "cpu"):
+        _check_finite(scores, "scores")
+    if impl.masked_linear_topk is not None:
+        return impl.masked_linear_topk(x, weight, scores, density, bias, bool(abs_scores), hint)
+    t = impl.threshold(scores.detach(), density, bool(abs_scores), hint)
+    return impl.masked_linear(x, weight, scores, t, bias, bool(abs_scores)), t

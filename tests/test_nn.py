@@ -85,11 +85,19 @@ def test_state_dict_round_trip():
     assert torch.equal(a(x), b(x)) and torch.equal(a.mask(), b.mask())
 
 
+def _record_threshold_calls(monkeypatch) -> list:
+    """The hint of every threshold computation: ops.threshold, or masked_linear_topk (a layer-wise
+    MaskedLinear's forward after its scores changed, which finds t in the same call)."""
+    hints = []
+    for name in ("threshold", "masked_linear_topk"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, **k: hints.append(k.get("hint")) or _real(*a, **k))
+    return hints
+
+
 def test_threshold_is_cached_until_scores_change(monkeypatch):
     layer = MaskedLinear(20, 10, density=0.5)
-    calls = []
-    real = ops.threshold
-    monkeypatch.setattr(ops, "threshold", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _record_threshold_calls(monkeypatch)
     opt = torch.optim.SGD([layer.scores], lr=0.1)
     x = torch.randn(3, 20)
     for _ in range(3):  # several forwards between steps: one threshold per step
@@ -106,9 +114,7 @@ def test_threshold_is_cached_until_scores_change(monkeypatch):
 
 def test_recomputed_threshold_gets_the_previous_one_as_hint(monkeypatch):
     layer = MaskedLinear(20, 10, density=0.5)
-    hints = []
-    real = ops.threshold
-    monkeypatch.setattr(ops, "threshold", lambda *a, **k: hints.append(k.get("hint")) or real(*a, **k))
+    hints = _record_threshold_calls(monkeypatch)
     x = torch.randn(3, 20)
     layer(x)
     first = layer.threshold()
@@ -116,7 +122,7 @@ def test_recomputed_threshold_gets_the_previous_one_as_hint(monkeypatch):
         layer.scores.mul_(1.001)
     layer(x)
     assert hints[0] is None and hints[1] is first  # same tensor, same settings: the old t is the hint
-    torch.testing.assert_close(layer.threshold(), real(layer.scores, 0.5))
+    torch.testing.assert_close(layer.threshold(), reference.threshold(layer.scores.detach(), 0.5, True))
     layer.scores = torch.nn.Parameter(torch.randn(10, 20))  # other scores: no hint
     layer(x)
     assert hints[2] is None
@@ -252,3 +258,27 @@ def test_compile_fullgraph_after_recompiles_for_other_densities():
         layer = MaskedLinear(12, 4, density=density)
         out = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
         torch.testing.assert_close(out, layer(x))
+
+
+@pytest.mark.parametrize("backend", ops.available_backends("cpu"))
+def test_training_with_threshold_found_in_the_forward_matches_the_two_ops(backend):
+    """A layer-wise MaskedLinear finds its new threshold in its forward (masked_linear_topk); the training
+    run is bit for bit the one of threshold() then masked_linear() at every step."""
+    torch.manual_seed(3)
+    layer = MaskedLinear(131, 150, bias=True, density=0.3, backend=backend)  # 19650 scores: the fused CPU pass
+    layer.bias.requires_grad_(True)
+    scores, bias = layer.scores.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_()
+    opt_layer = torch.optim.SGD([layer.scores, layer.bias], lr=0.5, momentum=0.9)
+    opt_ops = torch.optim.SGD([scores, bias], lr=0.5, momentum=0.9)
+    for step in range(6):
+        x = torch.randn(16, 131)
+        layer(x).square().mean().backward()
+        t = ops.threshold(scores, 0.3, backend=backend)
+        ops.masked_linear(x, layer.weight, scores, t, bias, backend=backend).square().mean().backward()
+        assert torch.equal(layer.threshold(), t), step
+        assert torch.equal(layer.scores.grad, scores.grad) and torch.equal(layer.bias.grad, bias.grad), step
+        opt_layer.step()
+        opt_ops.step()
+        opt_layer.zero_grad()
+        opt_ops.zero_grad()
+    assert torch.equal(layer.scores, scores)

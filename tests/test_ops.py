@@ -295,6 +295,10 @@ def test_cpu_kernels_with_several_threads(backend, one_thread):
         y_ref.sum().backward()
         assert_close(s_got.grad, s_ref.grad, TOL[torch.float32], "grad scores")
         assert torch.equal(maskprune.apply_mask(weight, scores, t, backend=backend), reference.apply_mask(weight, scores, t))
+        for hint in [None, t, t * 1.0001, t * 1.02]:  # the fused pass (or its fall-back), split over the threads
+            y_topk, t_topk = maskprune.ops.masked_linear_topk(x, weight, scores, 0.4, backend=backend, hint=hint)
+            assert float(t_topk) == float(t)
+            assert_close(y_topk, y_ref.detach(), TOL[torch.float32], "y of masked_linear_topk")
     finally:
         torch.set_num_threads(1)
 
@@ -735,6 +739,128 @@ def test_no_weight_gradient_and_partial_needs(device, backend):
 
 
 # ============================================================================================
+# The threshold found in the forward: threshold_and_mask and masked_linear_topk
+# ============================================================================================
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits, so that equality also tells -0.0 from 0.0."""
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+# (weight dtype, scores dtype, output dtype or None for the weight's)
+TOPK_DTYPES = [
+    pytest.param(torch.float32, torch.float32, None, id="f32"),
+    pytest.param(torch.float64, torch.float64, None, id="f64"),
+    pytest.param(torch.float32, torch.float32, torch.bfloat16, id="f32-to-bf16"),
+    pytest.param(torch.float16, torch.float32, None, id="f16"),
+    pytest.param(torch.float64, torch.float32, torch.float32, id="f64-f32-scores"),
+]
+
+
+@needs_cpp
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("weight_dtype,score_dtype,out_dtype", TOPK_DTYPES)
+@pytest.mark.parametrize("abs_scores", [True, False], ids=["abs", "raw"])
+def test_threshold_and_mask_is_threshold_then_apply_mask(device, weight_dtype, score_dtype, out_dtype, abs_scores):
+    """Bit for bit, whatever the hint: the fused pass where t lies near it, the two ops elsewhere."""
+    g = gen("threshold_and_mask", weight_dtype, score_dtype, out_dtype, abs_scores)
+    cases = {name: v for name, v in special_values(score_dtype).items() if torch.isfinite(v).all()}
+    cases["tie_free"] = tie_free_scores((300, 101), score_dtype, abs_scores, g)  # above the small-select size
+    cases["uniform"] = (torch.rand(613, 397, generator=g, dtype=torch.float64) * 0.1 - 0.05).to(score_dtype)
+    cases["ties"] = torch.randint(-3, 4, (250, 131), generator=g).to(score_dtype)  # crowds of equal keys
+    for name, scores in cases.items():
+        scores = scores.to(device)
+        weight = torch.randn(scores.shape, generator=g, dtype=torch.float64).to(weight_dtype).to(device)
+        weight.view(-1)[::7] *= -1  # negative weights: dropped ones are -0.0 in the mask pass
+        for density in [1e-9, 0.05, 0.5, 0.95, 1.0]:
+            t_ref = maskprune.threshold(scores, density, abs_scores=abs_scores, backend="cpp")
+            w_ref = torch.ops.maskprune.apply_mask(weight, scores, t_ref, abs_scores, out_dtype)
+            for h in [None, *hints_for(float(t_ref), score_dtype)]:
+                hint = None if h is None else torch.tensor(h, dtype=score_dtype, device=device)
+                t, w = torch.ops.maskprune.threshold_and_mask(weight, scores, density, abs_scores, hint, out_dtype)
+                assert t.dtype == score_dtype and t.shape == () and w.dtype == (out_dtype or weight_dtype)
+                assert torch.equal(bits(t), bits(t_ref)), (name, density, h, float(t), float(t_ref))
+                assert torch.equal(bits(w), bits(w_ref)), (name, density, h)
+    # non-contiguous inputs
+    scores, weight = torch.randn(101, 300, generator=g).t(), torch.randn(101, 300, generator=g).t()
+    t_ref = maskprune.threshold(scores, 0.3, backend="cpp")
+    t, w = torch.ops.maskprune.threshold_and_mask(weight.to(device), scores.to(device), 0.3, True, t_ref * 1.0001)
+    assert float(t) == float(t_ref) and torch.equal(w.cpu(), reference.apply_mask(weight, scores, t_ref))
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("act_dtype,score_dtype", DTYPE_CASES)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "batched_permuted", "vector"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_masked_linear_topk_is_threshold_then_masked_linear(device, backend, act_dtype, score_dtype, layout, bias):
+    """(Y, t) and every gradient equal those of threshold() then masked_linear(), for any hint."""
+    shape = (4, 9, 13) if interpreted(device, backend) else (5, 150, 129)  # 19350 scores: the fused CPU pass
+    x_leaf, view, weight, scores, b = make_linear(shape, act_dtype, score_dtype, device, bias=bias, layout=layout)
+    for density, abs_scores in [(0.5, True), (0.1, False), (1e-9, True), (1.0, False)]:
+        t_ref = maskprune.threshold(scores, density, abs_scores=abs_scores, backend=backend)
+        hints = [None, t_ref, t_ref * 1.001, -t_ref] if not interpreted(device, backend) else [None, t_ref]
+        want = run_linear(lambda x, w, s, t_, b_: maskprune.masked_linear(x, w, s, t_, b_, abs_scores=abs_scores,
+                                                                          backend=backend),
+                          x_leaf, view, weight, scores, b, t_ref, "random")
+        for hint in hints:
+            seen = []
+
+            def topk(x, w, s, t_, b_):
+                y, t = maskprune.ops.masked_linear_topk(x, w, s, density, b_, abs_scores=abs_scores, backend=backend,
+                                                        hint=hint)
+                seen.append(t)
+                return y
+
+            got = run_linear(topk, x_leaf, view, weight, scores, b, None, "random")
+            t = seen[0]
+            assert float(t) == float(t_ref) and not t.requires_grad, (density, hint)
+            for what, a, e in zip(("y", "grad x", "grad scores", "grad bias"), got, want):
+                if e is not None:
+                    assert torch.equal(a, e), (what, density, abs_scores, hint)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_masked_linear_topk_gradcheck_x_and_bias(device, backend):
+    g = gen("topk-gradcheck")
+    x = torch.randn(3, 2, 7, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    w = torch.randn(5, 7, generator=g, dtype=torch.float64).to(device)
+    s = torch.randn(5, 7, generator=g, dtype=torch.float64).to(device)
+    b = torch.randn(5, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    fn = lambda x_, b_: maskprune.ops.masked_linear_topk(x_, w, s, 0.4, b_, backend=backend)[0]
+    assert torch.autograd.gradcheck(fn, (x, b))
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_masked_linear_topk_bad_input_raises(device, backend):
+    kw = dict(device=device)
+    w, s, x = torch.randn(3, 4, **kw), torch.randn(3, 4, **kw), torch.randn(2, 4, **kw)
+    topk = lambda *a, **k: maskprune.ops.masked_linear_topk(*a, backend=backend, **k)
+    for density, exc in [(0.0, ValueError), (1.5, ValueError), (float("nan"), ValueError), (True, TypeError)]:
+        with pytest.raises(exc, match="density"):
+            topk(x, w, s, density)
+    with pytest.raises(ValueError, match="scores must have the weight's shape"):
+        topk(x, w, s.t(), 0.5)
+    with pytest.raises(ValueError, match="x's last dimension"):
+        topk(torch.randn(2, 3, **kw), w, s, 0.5)
+    with pytest.raises(ValueError, match="bias"):
+        topk(x, w, s, 0.5, torch.randn(4, **kw))
+    with pytest.raises(TypeError, match="scores"):
+        topk(x, w, s.to(torch.int64), 0.5)
+    with pytest.raises(ValueError, match="hint must be None or a 0-d"):
+        topk(x, w, s, 0.5, hint=torch.zeros(2, **kw))
+    bad = s.clone()
+    bad[1, 1] = float("nan")
+    for hint in [None, torch.tensor(0.5, **kw)]:
+        with pytest.raises(ValueError, match="scores.* finite"):
+            topk(x, w, bad, 0.5, hint=hint)
+    big = torch.randn(300, 101, **kw)
+    t = maskprune.threshold(big, 0.5, backend=backend)
+    big[3, 3] = float("inf")
+    with pytest.raises(ValueError, match="scores.* finite"):  # the fused CPU pass checks too
+        topk(torch.randn(2, 101, **kw), torch.randn(300, 101, **kw), big, 0.5, hint=t)
+
+
+# ============================================================================================
 # torch.library.opcheck on every torch.ops.maskprune op
 # ============================================================================================
 
@@ -772,6 +898,18 @@ def opcheck_samples():
         ("masked_linear", (r(3, 6, dtype=torch.float64, rg=True), w64, r(4, 6, dtype=torch.float64, rg=True),
                            t64, r(4, dtype=torch.float64, rg=True), True), {}),
         ("masked_linear", (r(3, 7).to(torch.bfloat16), w.to(torch.bfloat16), s, t, None, True), {}),
+        ("threshold_and_mask", (w, s, 0.5, True), {}),
+        ("threshold_and_mask", (r(300, 101), r(300, 101), 0.3, True), {"hint": torch.tensor(0.4)}),
+        ("threshold_and_mask", (w64, s64, 0.7, False), {"hint": torch.tensor(0.1, dtype=torch.float64),
+                                                         "dtype": torch.float32}),
+        ("threshold_and_mask", (r(200, 90).to(torch.bfloat16), r(200, 90), 1e-9, True), {"hint": torch.tensor(3.0)}),
+        ("masked_linear_topk", (x, w, s, 0.5, None, True), {}),
+        ("masked_linear_topk", (r(3, 7, rg=True), w, r(5, 7, rg=True), 0.3, r(5, rg=True), False),
+         {"hint": torch.tensor(0.2)}),
+        ("masked_linear_topk", (r(2, 3, 101, rg=True), r(300, 101), r(300, 101, rg=True), 0.5, None, True),
+         {"hint": torch.tensor(0.67)}),
+        ("masked_linear_topk", (r(3, 6, dtype=torch.float64, rg=True), w64, r(4, 6, dtype=torch.float64, rg=True),
+                                0.9, r(4, dtype=torch.float64, rg=True), True), {}),
         ("masked_linear_backward", (r(3, 5), x, w, s, t, True, True, True), {}),
         ("masked_linear_backward", (r(2, 3, 5), x3, w, s, t_raw, False, True, False), {}),
         ("masked_linear_backward", (r(2, 3, 5), x3, w, s, t, True, False, True), {}),
@@ -784,11 +922,10 @@ OPCHECK_SAMPLES = opcheck_samples() if ops.HAS_CPP else []
 
 @needs_cpp
 def test_opcheck_covers_every_op():
-    schema_ops = {"threshold", "global_threshold", "apply_mask", "score_grad", "score_grad_",
-                  "masked_linear", "masked_linear_backward"}
+    schema_ops = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("maskprune::")}
+    assert {"threshold", "global_threshold", "apply_mask", "score_grad", "score_grad_", "threshold_and_mask",
+            "masked_linear", "masked_linear_topk", "masked_linear_backward"} <= schema_ops
     assert schema_ops <= {name for name, _, _ in OPCHECK_SAMPLES}
-    for name in schema_ops:
-        assert hasattr(torch.ops.maskprune, name)
 
 
 @needs_cpp
@@ -992,6 +1129,19 @@ def raw_op_cases():
         ("linear-bias-int", lambda: m("masked_linear")(x, w, s, t, torch.ones(3, dtype=torch.int64), True),
          TypeError, "bias"),
         ("linear-scores-shape", lambda: m("masked_linear")(x, w, s.t(), t, None, True), ValueError, "scores"),
+        ("topk-mask-shape", lambda: m("threshold_and_mask")(w, s.t(), 0.5, True), ValueError, "shape"),
+        ("topk-mask-density", lambda: m("threshold_and_mask")(w, s, 1.5, True), ValueError, "density"),
+        ("topk-mask-int-weight", lambda: m("threshold_and_mask")(i64(w), s, 0.5, True), TypeError, "weight"),
+        ("topk-mask-half-scores", lambda: m("threshold_and_mask")(w, s.half(), 0.5, True), TypeError, "scores"),
+        ("topk-mask-nan", lambda: m("threshold_and_mask")(w, nan, 0.5, True, t), ValueError, "finite"),
+        ("topk-mask-int-hint", lambda: m("threshold_and_mask")(w, s, 0.5, True, i64(t)), TypeError, "hint"),
+        ("topk-linear-x-shape", lambda: m("masked_linear_topk")(torch.randn(2, 5), w, s, 0.5, None, True), ValueError,
+         "x's"),
+        ("topk-linear-density", lambda: m("masked_linear_topk")(x, w, s, 0.0, None, True), ValueError, "density"),
+        ("topk-linear-bias", lambda: m("masked_linear_topk")(x, w, s, 0.5, torch.randn(4), True), ValueError, "bias"),
+        ("topk-linear-scores", lambda: m("masked_linear_topk")(x, w, s.t(), 0.5, None, True), ValueError, "scores"),
+        ("topk-linear-hint", lambda: m("masked_linear_topk")(x, w, s, 0.5, None, True, t.reshape(1)), ValueError,
+         "hint"),
         ("backward-grad-shape", lambda: m("masked_linear_backward")(torch.randn(2, 4), x, w, s, t, True, True, True),
          ValueError, "grad_out"),
         ("backward-x-int", lambda: m("masked_linear_backward")(torch.randn(2, 3), i64(x), w, s, t, True, True, True),

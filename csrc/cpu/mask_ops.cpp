@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -274,6 +275,18 @@ std::optional<scalar_t> select_near_hint(const std::vector<at::Tensor>& tensors,
   return std::nullopt;
 }
 
+// The hint as a scores-dtype value, or nullopt when it cannot be a key of such scores (not finite in
+// their dtype, or <= 0 for |S| keys) or lies on another device (reading it would wait for that device):
+// then the full select runs. A hint is only a starting point; the result never depends on it.
+template <typename scalar_t>
+std::optional<scalar_t> usable_hint(const std::optional<at::Tensor>& hint, bool abs_scores) {
+  if (!hint.has_value() || !hint->defined() || !hint->device().is_cpu()) return std::nullopt;
+  const double value = hint->item<double>();
+  const bool usable = std::abs(value) <= std::numeric_limits<scalar_t>::max() &&
+                      !(abs_scores && !(value > 0));  // the comparisons are false for NaN
+  return usable ? std::optional<scalar_t>(static_cast<scalar_t>(value)) : std::nullopt;
+}
+
 at::Tensor threshold_of(const std::vector<at::Tensor>& scores, double density, bool abs_scores,
                         const std::optional<at::Tensor>& hint) {
   TORCH_CHECK_VALUE(!scores.empty(), "scores must hold at least one tensor");
@@ -290,20 +303,12 @@ at::Tensor threshold_of(const std::vector<at::Tensor>& scores, double density, b
     n += scores[i].numel();
   }
   const int64_t n_keep = n_keep_for(density, n);
-  // A hint is only a starting point: one that cannot be a key of these scores (not finite in their
-  // dtype, or <= 0 for |S| keys), or one on another device (reading it would wait for that device),
-  // means the full select.
   check_hint(hint);
-  const bool use_hint = hint.has_value() && hint->defined() && hint->device().is_cpu();
-  const double hint_value = use_hint ? hint->item<double>() : 0.0;
   return AT_DISPATCH_FLOATING_TYPES(dtype, "maskprune_threshold", [&] {
     std::optional<scalar_t> near;
-    const bool usable = use_hint && std::abs(hint_value) <= std::numeric_limits<scalar_t>::max() &&
-                        !(abs_scores && !(hint_value > 0));  // the comparisons are false for NaN
-    if (usable) {
-      const auto h = static_cast<scalar_t>(hint_value);
-      near = abs_scores ? select_near_hint<scalar_t, true>(contiguous, n_keep, h)
-                        : select_near_hint<scalar_t, false>(contiguous, n_keep, h);
+    if (const auto h = usable_hint<scalar_t>(hint, abs_scores)) {
+      near = abs_scores ? select_near_hint<scalar_t, true>(contiguous, n_keep, *h)
+                        : select_near_hint<scalar_t, false>(contiguous, n_keep, *h);
     }
     const scalar_t t = near ? *near
                        : abs_scores ? select_threshold<scalar_t, true>(contiguous, n, n_keep)
@@ -376,6 +381,151 @@ at::Tensor apply_mask_cpu(const at::Tensor& weight, const at::Tensor& scores, co
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// threshold_and_mask: the threshold's window pass (see select_in_window) and the mask pass in one read of
+// the scores. Keys above the window are kept and keys below it dropped whatever t is; the few inside it
+// are written as dropped, their indices gathered, and corrected once t is known. When t is not inside
+// the window, the ordinary threshold and mask pass run instead.
+
+// One slice [begin, end): out = W * 1[key >= hi], the window counts, and the indices of in-window keys
+// appended to `idx` (whose first `used` entries are this thread's so far).
+template <typename score_t, typename weight_t, typename out_t, bool kAbs>
+void window_mask_pass(const weight_t* __restrict__ w, const score_t* __restrict__ s, out_t* __restrict__ out,
+                      int64_t begin, int64_t end, score_t lo, score_t hi, std::vector<int64_t>& idx, size_t& used,
+                      WindowCount& count) {
+  using acc_t = std::conditional_t<std::is_same_v<weight_t, double> || std::is_same_v<out_t, double>, double, float>;
+  const score_t big = std::numeric_limits<score_t>::max();
+  auto key_at = [&](int64_t i) { return kAbs ? std::abs(s[i]) : s[i]; };
+  auto visit = [&](int64_t i, int32_t& above, int32_t& bad, int32_t& inside) {
+    const score_t key = key_at(i);
+    const acc_t keep = key >= hi ? acc_t(1) : acc_t(0);
+    out[i] = static_cast<out_t>(static_cast<acc_t>(w[i]) * keep);  // as mask_loop writes it
+    above += key >= hi;
+    bad += !(std::abs(s[i]) <= big);  // NaN and inf
+    inside += (key >= lo) & (key < hi);
+  };
+  size_t n_used = used;  // stored back at the end, as the counts
+  auto gather = [&](int64_t i0, int64_t i1) {
+    if (idx.size() < n_used + (i1 - i0)) idx.resize(2 * (n_used + (i1 - i0)));
+    int64_t* o = idx.data() + n_used;
+    int64_t j = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const score_t key = key_at(i);
+      o[j] = i;
+      j += (key >= lo) & (key < hi);
+    }
+    n_used += j;
+  };
+  // counted in locals and stored once: the threads' WindowCounts share a cache line
+  int64_t total_above = 0, total_bad = 0, i0 = begin;
+  for (; i0 + kWindowBlock <= end; i0 += kWindowBlock) {
+    int32_t above = 0, bad = 0, inside = 0;
+    for (int64_t i = i0; i < i0 + kWindowBlock; ++i) visit(i, above, bad, inside);
+    total_above += above;
+    total_bad += bad;
+    if (inside != 0) gather(i0, i0 + kWindowBlock);
+  }
+  int32_t above = 0, bad = 0, inside = 0;
+  for (int64_t i = i0; i < end; ++i) visit(i, above, bad, inside);
+  if (inside != 0) gather(i0, end);
+  count.above += total_above + above;
+  count.bad += total_bad + bad;
+  used = n_used;
+}
+
+// The fused pass near hint h (window h * (1 +- 2^-kWindowLog2[0])): t, or nullopt when t lies outside the
+// window (then `out` holds no meaningful values).
+template <typename score_t, typename weight_t, typename out_t, bool kAbs>
+std::optional<score_t> threshold_and_mask_near(const weight_t* w, const score_t* s, out_t* out, int64_t n,
+                                               int64_t n_keep, score_t hint) {
+  const score_t half = std::abs(hint) * std::ldexp(score_t(1), -kWindowLog2[0]);
+  if (!(half > 0)) return std::nullopt;
+  const score_t lo = hint - half, hi = hint + half;
+  const int threads = at::get_num_threads();
+  std::vector<WindowCount> counts(threads);
+  std::vector<size_t> used(threads, 0);
+  static thread_local std::vector<std::vector<int64_t>> gathered;  // as in select_in_window
+  if (gathered.size() < static_cast<size_t>(threads)) gathered.resize(threads);
+  auto* const gathered_base = gathered.data();
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    const int tid = at::get_thread_num();
+    window_mask_pass<score_t, weight_t, out_t, kAbs>(w, s, out, begin, end, lo, hi, gathered_base[tid], used[tid],
+                                                     counts[tid]);
+  });
+  int64_t bad = 0, above = 0, inside = 0;
+  for (int tid = 0; tid < threads; ++tid) {
+    bad += counts[tid].bad;
+    above += counts[tid].above;
+    inside += static_cast<int64_t>(used[tid]);
+  }
+  auto release_large = [&] {
+    for (int tid = 0; tid < threads; ++tid) {
+      if (gathered[tid].size() > kKeepCapacity) std::vector<int64_t>().swap(gathered[tid]);
+    }
+  };
+  if (bad != 0 || n_keep <= above || n_keep > above + inside) {
+    release_large();
+    TORCH_CHECK_VALUE(bad == 0, "scores must be finite, found ", bad, " NaN or inf value(s)");
+    return std::nullopt;
+  }
+  std::vector<score_t> keys;
+  keys.reserve(inside);
+  for (int tid = 0; tid < threads; ++tid) {
+    for (size_t j = 0; j < used[tid]; ++j) keys.push_back(kAbs ? std::abs(s[gathered[tid][j]]) : s[gathered[tid][j]]);
+  }
+  auto nth = keys.begin() + (n_keep - above - 1);
+  std::nth_element(keys.begin(), nth, keys.end(), std::greater<score_t>());
+  const score_t t = *nth;
+  using acc_t = std::conditional_t<std::is_same_v<weight_t, double> || std::is_same_v<out_t, double>, double, float>;
+  for (int tid = 0; tid < threads; ++tid) {  // the in-window keys >= t are kept after all
+    for (size_t j = 0; j < used[tid]; ++j) {
+      const int64_t i = gathered[tid][j];
+      if ((kAbs ? std::abs(s[i]) : s[i]) >= t) out[i] = static_cast<out_t>(static_cast<acc_t>(w[i]));
+    }
+  }
+  release_large();
+  return t;
+}
+
+std::tuple<at::Tensor, at::Tensor> threshold_and_mask_cpu(const at::Tensor& weight, const at::Tensor& scores,
+                                                          double density, bool abs_scores,
+                                                          const std::optional<at::Tensor>& hint,
+                                                          std::optional<at::ScalarType> dtype) {
+  check_float(weight, "weight");
+  check_scores(scores);
+  TORCH_CHECK_VALUE(weight.sizes() == scores.sizes(), "scores must have the weight's shape ", weight.sizes(),
+                    ", got ", scores.sizes());
+  check_same_device(weight, "weight", scores, "scores");
+  TORCH_CHECK_VALUE(scores.device().is_cpu(), "scores must be a CPU tensor here, got ", scores.device());
+  const int64_t n_keep = n_keep_for(density, scores.numel());
+  check_hint(hint);
+  const auto out_dtype = dtype.value_or(weight.scalar_type());
+  auto w = weight.contiguous();
+  auto s = scores.contiguous();
+  auto out = at::empty(weight.sizes(), weight.options().dtype(out_dtype));
+  std::optional<at::Tensor> t;
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "maskprune_threshold_and_mask_scores", [&] {
+    using score_t = scalar_t;
+    const auto h = usable_hint<score_t>(hint, abs_scores);
+    if (!h || s.numel() <= kSmallSelect) return;  // no window to search: the two ops below
+    const score_t* sp = s.data_ptr<score_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "maskprune_threshold_and_mask_w", [&] {
+      using weight_t = scalar_t;
+      const weight_t* wp = w.data_ptr<weight_t>();
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "maskprune_threshold_and_mask_out", [&] {
+        scalar_t* op = out.data_ptr<scalar_t>();
+        const auto found = abs_scores
+                               ? threshold_and_mask_near<score_t, weight_t, scalar_t, true>(wp, sp, op, s.numel(), n_keep, *h)
+                               : threshold_and_mask_near<score_t, weight_t, scalar_t, false>(wp, sp, op, s.numel(), n_keep, *h);
+        if (found) t = at::scalar_tensor(*found, at::TensorOptions().dtype(s.scalar_type()));
+      });
+    });
+  });
+  if (t) return {*t, out};
+  auto threshold = threshold_of({s}, density, abs_scores, hint);
+  return {threshold, apply_mask_cpu(weight, scores, threshold, abs_scores, dtype)};
+}
+
 // dS into `out` (scores' dtype, contiguous); `out` may alias grad_weight when their dtypes match.
 void score_grad_into(const at::Tensor& g, const at::Tensor& w, const at::Tensor& s, at::Tensor& out,
                      bool abs_scores) {
@@ -419,6 +569,7 @@ TORCH_LIBRARY_IMPL(maskprune, CPU, m) {
   m.impl("threshold", &threshold_cpu);
   m.impl("global_threshold", &global_threshold_cpu);
   m.impl("apply_mask", &apply_mask_cpu);
+  m.impl("threshold_and_mask", &threshold_and_mask_cpu);
   m.impl("score_grad", &score_grad_cpu);
   m.impl("score_grad_", &score_grad_inplace_cpu);
 }
