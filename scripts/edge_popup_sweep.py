@@ -57,8 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--conv-widths", default="1")
     g.add_argument("--conv-seeds", default="0")
     g.add_argument("--conv-epochs", type=int, default=1)
-    g.add_argument("--conv-train-limit", type=int, default=8192)
-    g.add_argument("--conv-test-limit", type=int, default=2000)
+    g.add_argument("--conv-train-limit", type=int, default=8192, help="first N training images (0 = all 54k)")
+    g.add_argument("--conv-test-limit", type=int, default=2000, help="first N test images (0 = all 10k)")
     g.add_argument("--conv-global-densities", default="", help="densities with global top-k for conv4 too")
     g = p.add_argument_group("optimisation (edge-popup's small-network settings)")
     g.add_argument("--batch-size", type=int, default=128)
@@ -172,8 +172,8 @@ def run_conv(pt: dict, args) -> dict:
     if cfg.dataset not in _CONV_DATA:
         _CONV_DATA[cfg.dataset] = datasets.load(cfg.dataset).normalize()
     splits = _CONV_DATA[cfg.dataset]
-    tx, ty = splits.train_x[:cfg.limit_train], splits.train_y[:cfg.limit_train]
-    ex, ey = splits.test_x[:args.conv_test_limit], splits.test_y[:args.conv_test_limit]
+    tx, ty = splits.train_x[:cfg.limit_train or None], splits.train_y[:cfg.limit_train or None]  # 0 = all
+    ex, ey = splits.test_x[:args.conv_test_limit or None], splits.test_y[:args.conv_test_limit or None]
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, splits.num_classes, splits.in_shape)
     params = [p for p in model.parameters() if p.requires_grad]
