@@ -33,6 +33,13 @@ def _refresh(cached: tuple | None, key: tuple, compute) -> tuple:
     return key, compute(_hint(cached, key))
 
 
+def _store(where: dict, name: str, entry: tuple) -> None:
+    """Caches a threshold, except one made under torch.inference_mode: an inference tensor could not be
+    saved for backward by a later training step."""
+    if not torch.is_inference_mode_enabled():
+        where[name] = entry
+
+
 class MaskPolicy:
     """Maps a masked layer to its current threshold."""
 
@@ -54,7 +61,7 @@ class LayerwiseTopK(MaskPolicy):
             return compute()
         key = _cache_key([layer.scores], layer.density, layer.abs_scores)
         cached = _refresh(layer.__dict__.get("_threshold_cache"), key, compute)
-        layer.__dict__["_threshold_cache"] = cached
+        _store(layer.__dict__, "_threshold_cache", cached)
         return cached[1]
 
     def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
@@ -63,11 +70,12 @@ class LayerwiseTopK(MaskPolicy):
         key = None if torch.compiler.is_compiling() else _cache_key([layer.scores], layer.density, layer.abs_scores)
         cached = layer.__dict__.get("_threshold_cache")
         if key is None or (cached is not None and cached[0] == key):
-            return ops.masked_linear(x, layer.weight, layer.scores, self.threshold(layer), layer.bias,
-                                     abs_scores=layer.abs_scores, backend=layer.backend)
+            t = self.threshold(layer) if key is None else cached[1]
+            return ops.masked_linear(x, layer.weight, layer.scores, t, layer.bias, abs_scores=layer.abs_scores,
+                                     backend=layer.backend)
         y, t = ops.masked_linear_topk(x, layer.weight, layer.scores, layer.density, layer.bias,
                                       abs_scores=layer.abs_scores, backend=layer.backend, hint=_hint(cached, key))
-        layer.__dict__["_threshold_cache"] = (key, t)
+        _store(layer.__dict__, "_threshold_cache", (key, t))
         return y
 
 
@@ -91,8 +99,9 @@ class GlobalTopK(MaskPolicy):
                                                          backend=self.backend, hint=hint)
         if torch.compiler.is_compiling():
             return compute()
-        self._cache = _refresh(self._cache, _cache_key(scores, self.density, self.abs_scores), compute)
-        return self._cache[1]
+        cached = _refresh(self._cache, _cache_key(scores, self.density, self.abs_scores), compute)
+        _store(self.__dict__, "_cache", cached)
+        return cached[1]
 
 
 LAYERWISE = LayerwiseTopK()

@@ -282,3 +282,19 @@ def test_training_with_threshold_found_in_the_forward_matches_the_two_ops(backen
         opt_layer.zero_grad()
         opt_ops.zero_grad()
     assert torch.equal(layer.scores, scores)
+
+
+def test_threshold_made_under_inference_mode_is_not_cached():
+    """An inference tensor cannot be saved for backward: a training step after an inference_mode forward works."""
+    layer = MaskedLinear(131, 150, density=0.3)
+    x = torch.randn(4, 131)
+    with torch.inference_mode():
+        y_inference = layer(x)
+    y = layer(x)
+    y.sum().backward()
+    assert torch.equal(y.detach(), y_inference) and layer.scores.grad is not None
+    opt = torch.optim.SGD([layer.scores], lr=0.1)
+    opt.step()
+    with torch.inference_mode():
+        layer(x)  # a new threshold (the scores changed), not cached
+    layer(x).sum().backward()

@@ -295,10 +295,10 @@ def test_cpu_kernels_with_several_threads(backend, one_thread):
         y_ref.sum().backward()
         assert_close(s_got.grad, s_ref.grad, TOL[torch.float32], "grad scores")
         assert torch.equal(maskprune.apply_mask(weight, scores, t, backend=backend), reference.apply_mask(weight, scores, t))
+        y_two_ops = maskprune.masked_linear(x, weight, scores, t, backend=backend)
         for hint in [None, t, t * 1.0001, t * 1.02]:  # the fused pass (or its fall-back), split over the threads
             y_topk, t_topk = maskprune.ops.masked_linear_topk(x, weight, scores, 0.4, backend=backend, hint=hint)
-            assert float(t_topk) == float(t)
-            assert_close(y_topk, y_ref.detach(), TOL[torch.float32], "y of masked_linear_topk")
+            assert float(t_topk) == float(t) and torch.equal(y_topk, y_two_ops)
     finally:
         torch.set_num_threads(1)
 
@@ -817,6 +817,58 @@ def test_masked_linear_topk_is_threshold_then_masked_linear(device, backend, act
             for what, a, e in zip(("y", "grad x", "grad scores", "grad bias"), got, want):
                 if e is not None:
                     assert torch.equal(a, e), (what, density, abs_scores, hint)
+
+
+def window_misses(fn) -> int:
+    """How often fn() made threshold_and_mask fall back to the separate threshold (the profiler's count)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "maskprune::threshold_and_mask.window_missed")
+
+
+@needs_cpp
+def test_threshold_and_mask_finds_t_in_its_own_pass_near_the_hint():
+    """The fused pass must succeed when t moved little (else the results above would all come from the
+    fall-back), and fall back once when t left the window."""
+    g = gen("fused-hit")
+    scores, weight = torch.randn(300, 101, generator=g), torch.randn(300, 101, generator=g)
+    t = maskprune.threshold(scores, 0.5, backend="cpp")
+    call = lambda hint: torch.ops.maskprune.threshold_and_mask(weight, scores, 0.5, True, hint)
+    assert window_misses(lambda: call(t * 1.0001)) == 0
+    assert window_misses(lambda: call(t)) == 0
+    assert window_misses(lambda: call(t * 1.01)) == 1  # outside the narrow window: the separate threshold
+    assert window_misses(lambda: call(None)) == 0  # no window searched at all
+    x = torch.randn(4, 101, generator=g)
+    assert window_misses(lambda: maskprune.ops.masked_linear_topk(x, weight, scores, 0.5, hint=t * 0.9999)) == 0
+    with torch.inference_mode():  # below autograd the CPU composite uses the fused pass too
+        assert window_misses(lambda: maskprune.ops.masked_linear_topk(x, weight, scores, 0.5, hint=t * 0.9999)) == 0
+        y, t2 = maskprune.ops.masked_linear_topk(x, weight, scores, 0.5, hint=t * 0.9999)
+    assert torch.equal(t2, t) and torch.equal(y, maskprune.masked_linear(x, weight, scores, t))
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_masked_linear_topk_partial_needs(device, backend):
+    """Only some of x, scores and bias asking for a gradient: each gets the two-op path's, the others none."""
+    g = gen("topk-partial")
+    n, k = (6, 9) if interpreted(device, backend) else (150, 131)
+    x = torch.randn(5, k, generator=g).to(device)
+    w, s, b = (torch.randn(n, k, generator=g).to(device), torch.randn(n, k, generator=g).to(device),
+               torch.randn(n, generator=g).to(device))
+    t = maskprune.threshold(s, 0.3, backend=backend)
+    for need in ["x", "scores", "bias", "x+bias"]:
+        leaves = {name: v.clone().requires_grad_(name in need.split("+")) for name, v in (("x", x), ("scores", s),
+                                                                                           ("bias", b))}
+        twins = {name: v.clone().requires_grad_(name in need.split("+")) for name, v in (("x", x), ("scores", s),
+                                                                                          ("bias", b))}
+        y, _ = maskprune.ops.masked_linear_topk(leaves["x"], w, leaves["scores"], 0.3, leaves["bias"],
+                                                backend=backend, hint=t * 1.0001)
+        y.square().sum().backward()
+        maskprune.masked_linear(twins["x"], w, twins["scores"], t, twins["bias"], backend=backend).square().sum().backward()
+        for name in leaves:
+            got, want = leaves[name].grad, twins[name].grad
+            assert (got is None) == (want is None) == (name not in need.split("+")), (need, name)
+            if got is not None:
+                assert torch.equal(got, want), (need, name)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

@@ -2,11 +2,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <iterator>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -265,9 +267,10 @@ std::optional<scalar_t> select_in_window(const std::vector<at::Tensor>& tensors,
 constexpr int kWindowLog2[] = {9, 5};
 
 template <typename scalar_t, bool kAbs>
-std::optional<scalar_t> select_near_hint(const std::vector<at::Tensor>& tensors, int64_t n_keep, scalar_t hint) {
-  for (int log2 : kWindowLog2) {
-    const scalar_t half = std::abs(hint) * std::ldexp(scalar_t(1), -log2);
+std::optional<scalar_t> select_near_hint(const std::vector<at::Tensor>& tensors, int64_t n_keep, scalar_t hint,
+                                         int first_window) {
+  for (int k = first_window; k < static_cast<int>(std::size(kWindowLog2)); ++k) {
+    const scalar_t half = std::abs(hint) * std::ldexp(scalar_t(1), -kWindowLog2[k]);
     if (!(half > 0)) return std::nullopt;
     auto found = select_in_window<scalar_t, kAbs>(tensors, n_keep, hint - half, hint + half);
     if (found) return found;
@@ -287,8 +290,9 @@ std::optional<scalar_t> usable_hint(const std::optional<at::Tensor>& hint, bool 
   return usable ? std::optional<scalar_t>(static_cast<scalar_t>(value)) : std::nullopt;
 }
 
+// `first_window` > 0 skips windows already searched (by threshold_and_mask's fused pass).
 at::Tensor threshold_of(const std::vector<at::Tensor>& scores, double density, bool abs_scores,
-                        const std::optional<at::Tensor>& hint) {
+                        const std::optional<at::Tensor>& hint, int first_window = 0) {
   TORCH_CHECK_VALUE(!scores.empty(), "scores must hold at least one tensor");
   const auto dtype = scores[0].scalar_type();
   std::vector<at::Tensor> contiguous;
@@ -307,8 +311,8 @@ at::Tensor threshold_of(const std::vector<at::Tensor>& scores, double density, b
   return AT_DISPATCH_FLOATING_TYPES(dtype, "maskprune_threshold", [&] {
     std::optional<scalar_t> near;
     if (const auto h = usable_hint<scalar_t>(hint, abs_scores)) {
-      near = abs_scores ? select_near_hint<scalar_t, true>(contiguous, n_keep, *h)
-                        : select_near_hint<scalar_t, false>(contiguous, n_keep, *h);
+      near = abs_scores ? select_near_hint<scalar_t, true>(contiguous, n_keep, *h, first_window)
+                        : select_near_hint<scalar_t, false>(contiguous, n_keep, *h, first_window);
     }
     const scalar_t t = near ? *near
                        : abs_scores ? select_threshold<scalar_t, true>(contiguous, n, n_keep)
@@ -327,17 +331,22 @@ at::Tensor global_threshold_cpu(at::TensorList scores, double density, bool abs_
   return threshold_of(scores.vec(), density, abs_scores, hint);
 }
 
+// One entry of W ⊙ M as every mask pass writes it: w * 1 or w * 0 (so a dropped negative weight is -0.0),
+// multiplied in double when either side is double, so that kept float64 weights pass through exactly.
+template <typename weight_t, typename out_t>
+inline out_t masked_value(weight_t w, bool keep) {
+  using acc_t = std::conditional_t<std::is_same_v<weight_t, double> || std::is_same_v<out_t, double>, double, float>;
+  return static_cast<out_t>(static_cast<acc_t>(w) * (keep ? acc_t(1) : acc_t(0)));
+}
+
 // The loops below are written branch-free over restrict pointers, one instantiation per
 // (dtype, abs_scores) pair, so that the compiler vectorises them: both passes are memory-bound.
 template <typename score_t, typename weight_t, typename out_t, bool kAbs>
 void mask_loop(const weight_t* __restrict__ w, const score_t* __restrict__ s, out_t* __restrict__ out,
                score_t thr, int64_t begin, int64_t end) {
-  // Multiply in double when either side is double, so that kept float64 weights pass through exactly.
-  using acc_t = std::conditional_t<std::is_same_v<weight_t, double> || std::is_same_v<out_t, double>, double, float>;
   for (int64_t i = begin; i < end; ++i) {
     const score_t key = kAbs ? std::abs(s[i]) : s[i];
-    const acc_t keep = key >= thr ? acc_t(1) : acc_t(0);
-    out[i] = static_cast<out_t>(static_cast<acc_t>(w[i]) * keep);
+    out[i] = masked_value<weight_t, out_t>(w[i], key >= thr);
   }
 }
 
@@ -355,13 +364,9 @@ void score_grad_loop(const grad_t* g, const weight_t* __restrict__ w, const scor
   }
 }
 
-at::Tensor apply_mask_cpu(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& t,
-                          bool abs_scores, std::optional<at::ScalarType> dtype) {
-  check_mask_args(weight, scores, t);
-  const auto out_dtype = dtype.value_or(weight.scalar_type());
-  auto w = weight.contiguous();
-  auto s = scores.contiguous();
-  auto out = at::empty(weight.sizes(), weight.options().dtype(out_dtype));
+// W ⊙ 1[key >= t] into `out` (contiguous, the weight's shape); w and s contiguous.
+void mask_into(const at::Tensor& w, const at::Tensor& s, const at::Tensor& t, bool abs_scores, at::Tensor& out) {
+  const auto out_dtype = out.scalar_type();
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "maskprune_apply_mask_scores", [&] {
     using score_t = scalar_t;
     const score_t thr = t.item<score_t>();
@@ -378,6 +383,13 @@ at::Tensor apply_mask_cpu(const at::Tensor& weight, const at::Tensor& scores, co
       });
     });
   });
+}
+
+at::Tensor apply_mask_cpu(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& t,
+                          bool abs_scores, std::optional<at::ScalarType> dtype) {
+  check_mask_args(weight, scores, t);
+  auto out = at::empty(weight.sizes(), weight.options().dtype(dtype.value_or(weight.scalar_type())));
+  mask_into(weight.contiguous(), scores.contiguous(), t, abs_scores, out);
   return out;
 }
 
@@ -393,13 +405,11 @@ template <typename score_t, typename weight_t, typename out_t, bool kAbs>
 void window_mask_pass(const weight_t* __restrict__ w, const score_t* __restrict__ s, out_t* __restrict__ out,
                       int64_t begin, int64_t end, score_t lo, score_t hi, std::vector<int64_t>& idx, size_t& used,
                       WindowCount& count) {
-  using acc_t = std::conditional_t<std::is_same_v<weight_t, double> || std::is_same_v<out_t, double>, double, float>;
   const score_t big = std::numeric_limits<score_t>::max();
   auto key_at = [&](int64_t i) { return kAbs ? std::abs(s[i]) : s[i]; };
   auto visit = [&](int64_t i, int32_t& above, int32_t& bad, int32_t& inside) {
     const score_t key = key_at(i);
-    const acc_t keep = key >= hi ? acc_t(1) : acc_t(0);
-    out[i] = static_cast<out_t>(static_cast<acc_t>(w[i]) * keep);  // as mask_loop writes it
+    out[i] = masked_value<weight_t, out_t>(w[i], key >= hi);
     above += key >= hi;
     bad += !(std::abs(s[i]) <= big);  // NaN and inf
     inside += (key >= lo) & (key < hi);
@@ -433,6 +443,14 @@ void window_mask_pass(const weight_t* __restrict__ w, const score_t* __restrict_
   used = n_used;
 }
 
+// Per-thread index buffers of the fused pass that live across calls (as select_in_window's), one set for
+// every dtype combination.
+std::vector<std::vector<int64_t>>& index_buffers(int threads) {
+  static thread_local std::vector<std::vector<int64_t>> buffers;
+  if (buffers.size() < static_cast<size_t>(threads)) buffers.resize(threads);
+  return buffers;
+}
+
 // The fused pass near hint h (window h * (1 +- 2^-kWindowLog2[0])): t, or nullopt when t lies outside the
 // window (then `out` holds no meaningful values).
 template <typename score_t, typename weight_t, typename out_t, bool kAbs>
@@ -444,8 +462,7 @@ std::optional<score_t> threshold_and_mask_near(const weight_t* w, const score_t*
   const int threads = at::get_num_threads();
   std::vector<WindowCount> counts(threads);
   std::vector<size_t> used(threads, 0);
-  static thread_local std::vector<std::vector<int64_t>> gathered;  // as in select_in_window
-  if (gathered.size() < static_cast<size_t>(threads)) gathered.resize(threads);
+  auto& gathered = index_buffers(threads);
   auto* const gathered_base = gathered.data();
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     const int tid = at::get_thread_num();
@@ -476,11 +493,10 @@ std::optional<score_t> threshold_and_mask_near(const weight_t* w, const score_t*
   auto nth = keys.begin() + (n_keep - above - 1);
   std::nth_element(keys.begin(), nth, keys.end(), std::greater<score_t>());
   const score_t t = *nth;
-  using acc_t = std::conditional_t<std::is_same_v<weight_t, double> || std::is_same_v<out_t, double>, double, float>;
   for (int tid = 0; tid < threads; ++tid) {  // the in-window keys >= t are kept after all
     for (size_t j = 0; j < used[tid]; ++j) {
       const int64_t i = gathered[tid][j];
-      if ((kAbs ? std::abs(s[i]) : s[i]) >= t) out[i] = static_cast<out_t>(static_cast<acc_t>(w[i]));
+      if ((kAbs ? std::abs(s[i]) : s[i]) >= t) out[i] = masked_value<weight_t, out_t>(w[i], true);
     }
   }
   release_large();
@@ -504,10 +520,12 @@ std::tuple<at::Tensor, at::Tensor> threshold_and_mask_cpu(const at::Tensor& weig
   auto s = scores.contiguous();
   auto out = at::empty(weight.sizes(), weight.options().dtype(out_dtype));
   std::optional<at::Tensor> t;
+  bool searched = false;  // the fused pass searched the narrow window (and t was not in it)
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "maskprune_threshold_and_mask_scores", [&] {
     using score_t = scalar_t;
     const auto h = usable_hint<score_t>(hint, abs_scores);
-    if (!h || s.numel() <= kSmallSelect) return;  // no window to search: the two ops below
+    if (!h || s.numel() <= kSmallSelect) return;  // no window to search: threshold, then the mask pass
+    searched = true;
     const score_t* sp = s.data_ptr<score_t>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "maskprune_threshold_and_mask_w", [&] {
       using weight_t = scalar_t;
@@ -522,8 +540,14 @@ std::tuple<at::Tensor, at::Tensor> threshold_and_mask_cpu(const at::Tensor& weig
     });
   });
   if (t) return {*t, out};
-  auto threshold = threshold_of({s}, density, abs_scores, hint);
-  return {threshold, apply_mask_cpu(weight, scores, threshold, abs_scores, dtype)};
+  auto separately = [&](int first_window) -> std::tuple<at::Tensor, at::Tensor> {
+    auto threshold = threshold_of({s}, density, abs_scores, hint, first_window);
+    mask_into(w, s, threshold, abs_scores, out);
+    return {threshold, out};
+  };
+  if (!searched) return separately(0);
+  RECORD_FUNCTION("maskprune::threshold_and_mask.window_missed", std::vector<c10::IValue>());  // seen by tests
+  return separately(1);  // the narrow window is searched already
 }
 
 // dS into `out` (scores' dtype, contiguous); `out` may alias grad_weight when their dtypes match.

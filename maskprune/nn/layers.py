@@ -79,7 +79,7 @@ class MaskedLinear(nn.Linear, MaskedLayer):
         dtype = _autocast_dtype(x)
         if dtype is not None:
             x = x.to(dtype)
-        if self.mask_policy is masks.LAYERWISE:
+        if self.mask_policy is masks.LAYERWISE:  # the shared layer-wise policy (what convert and __init__ set)
             return masks.LAYERWISE.linear(self, x)
         return ops.masked_linear(x, self.weight, self.scores, self.threshold(), self.bias,
                                  abs_scores=self.abs_scores, backend=self.backend)
