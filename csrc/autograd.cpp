@@ -10,7 +10,6 @@
 #include <optional>
 #include <tuple>
 
-#include "checks.h"
 #include "masked_linear.h"
 
 namespace maskprune {
@@ -122,9 +121,7 @@ struct MaskedLinearTopKFunction : public torch::autograd::Function<MaskedLinearT
         std::tie(y, t, w_eff) = masked_linear_topk_keeping_weight(x, weight, scores, density, bias, abs_scores, hint);
         save_linear(ctx, x, weight, scores, t, w_eff, bias, abs_scores);
       } else {
-        check_linear_shapes(x, weight);
-        t = call_threshold(scores, density, abs_scores, hint);
-        y = call_masked_linear(x, weight, scores, t, bias, abs_scores);
+        std::tie(y, t) = masked_linear_topk(x, weight, scores, density, bias, abs_scores, hint);
         save_linear(ctx, x, weight, scores, t, at::Tensor(), bias, abs_scores);
       }
     }

@@ -76,21 +76,6 @@ std::tuple<at::Tensor, at::Tensor> threshold_and_mask(const at::Tensor& weight, 
   return {t, call_apply_mask(weight, scores, t, abs_scores, dtype)};
 }
 
-// Below autograd (e.g. under inference_mode): on CPU threshold_and_mask + GEMM, elsewhere the two ops (so
-// that CUDA keeps its fused GEMM).
-std::tuple<at::Tensor, at::Tensor> masked_linear_topk(const at::Tensor& x, const at::Tensor& weight,
-                                                      const at::Tensor& scores, double density,
-                                                      const std::optional<at::Tensor>& bias, bool abs_scores,
-                                                      const std::optional<at::Tensor>& hint) {
-  if (x.device().is_cpu()) {
-    auto [y, t, w_eff] = masked_linear_topk_keeping_weight(x, weight, scores, density, bias, abs_scores, hint);
-    return {std::move(y), std::move(t)};
-  }
-  check_linear_shapes(x, weight);
-  auto t = call_threshold(scores, density, abs_scores, hint);
-  return {call_masked_linear(x, weight, scores, t, bias, abs_scores), t};
-}
-
 // dS from a freshly computed weight gradient, written over it when the dtypes allow (one buffer less).
 at::Tensor score_grad_over(at::Tensor grad_weight, const at::Tensor& weight, const at::Tensor& scores,
                            bool abs_scores) {
@@ -153,6 +138,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_topk_keeping_weight
   auto [t, w_eff] = call_threshold_and_mask(weight, scores, density, abs_scores, hint, x.scalar_type());
   auto y = at::linear(x, w_eff, b);
   return {std::move(y), std::move(t), std::move(w_eff)};
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_linear_topk(const at::Tensor& x, const at::Tensor& weight,
+                                                      const at::Tensor& scores, double density,
+                                                      const std::optional<at::Tensor>& bias, bool abs_scores,
+                                                      const std::optional<at::Tensor>& hint) {
+  if (x.device().is_cpu()) {
+    auto [y, t, w_eff] = masked_linear_topk_keeping_weight(x, weight, scores, density, bias, abs_scores, hint);
+    return {std::move(y), std::move(t)};
+  }
+  check_linear_shapes(x, weight);
+  auto t = call_threshold(scores, density, abs_scores, hint);
+  return {call_masked_linear(x, weight, scores, t, bias, abs_scores), t};
 }
 
 TORCH_LIBRARY_IMPL(maskprune, CompositeExplicitAutograd, m) {

@@ -217,6 +217,34 @@ void window_pass(const scalar_t* __restrict__ data, int64_t begin, int64_t end, 
   count.bad += bad;
 }
 
+// Releases the per-thread buffers that grew past kKeepCapacity (a window over a crowd of equal keys).
+template <typename T>
+void release_large(std::vector<std::vector<T>>& buffers) {
+  for (auto& b : buffers) {
+    if (b.size() > kKeepCapacity) std::vector<T>().swap(b);
+  }
+}
+
+// The threads' window counts summed: (keys above the window, keys inside it) when the n_keep-th largest key
+// lies inside the window; nullopt (buffers released) when it does not; raises on NaN/inf keys.
+template <typename T>
+std::optional<std::pair<int64_t, int64_t>> window_totals(const std::vector<WindowCount>& counts,
+                                                         const std::vector<size_t>& used, int64_t n_keep,
+                                                         std::vector<std::vector<T>>& buffers) {
+  int64_t bad = 0, above = 0, inside = 0;
+  for (size_t tid = 0; tid < counts.size(); ++tid) {
+    bad += counts[tid].bad;
+    above += counts[tid].above;
+    inside += static_cast<int64_t>(used[tid]);
+  }
+  if (bad != 0 || n_keep <= above || n_keep > above + inside) {
+    release_large(buffers);
+    TORCH_CHECK_VALUE(bad == 0, "scores must be finite, found ", bad, " NaN or inf value(s)");
+    return std::nullopt;
+  }
+  return std::make_pair(above, inside);
+}
+
 template <typename scalar_t, bool kAbs>
 std::optional<scalar_t> select_in_window(const std::vector<at::Tensor>& tensors, int64_t n_keep, scalar_t lo,
                                          scalar_t hi) {
@@ -235,28 +263,15 @@ std::optional<scalar_t> select_in_window(const std::vector<at::Tensor>& tensors,
       window_pass<scalar_t, kAbs>(data, begin, end, lo, hi, gathered_base[tid], used[tid], counts[tid]);
     });
   }
-  int64_t bad = 0, above = 0, inside = 0;
-  for (int tid = 0; tid < threads; ++tid) {
-    bad += counts[tid].bad;
-    above += counts[tid].above;
-    inside += static_cast<int64_t>(used[tid]);
-  }
-  auto release_large = [&] {
-    for (int tid = 0; tid < threads; ++tid) {
-      if (gathered[tid].size() > kKeepCapacity) std::vector<scalar_t>().swap(gathered[tid]);
-    }
-  };
-  if (bad != 0 || n_keep <= above || n_keep > above + inside) {
-    release_large();
-    TORCH_CHECK_VALUE(bad == 0, "scores must be finite, found ", bad, " NaN or inf value(s)");
-    return std::nullopt;
-  }
+  const auto totals = window_totals(counts, used, n_keep, gathered);
+  if (!totals) return std::nullopt;
+  const auto [above, inside] = *totals;
   std::vector<scalar_t> candidates;
   candidates.reserve(inside);
   for (int tid = 0; tid < threads; ++tid) {
     candidates.insert(candidates.end(), gathered[tid].begin(), gathered[tid].begin() + used[tid]);
   }
-  release_large();
+  release_large(gathered);
   auto nth = candidates.begin() + (n_keep - above - 1);
   std::nth_element(candidates.begin(), nth, candidates.end(), std::greater<scalar_t>());
   return *nth;
@@ -472,22 +487,9 @@ std::optional<score_t> threshold_and_mask_near(const weight_t* w, const score_t*
     window_mask_pass<score_t, weight_t, out_t, kAbs>(w, s, out, begin, end, lo, hi, gathered_base[tid], used[tid],
                                                      counts[tid]);
   });
-  int64_t bad = 0, above = 0, inside = 0;
-  for (int tid = 0; tid < threads; ++tid) {
-    bad += counts[tid].bad;
-    above += counts[tid].above;
-    inside += static_cast<int64_t>(used[tid]);
-  }
-  auto release_large = [&] {
-    for (int tid = 0; tid < threads; ++tid) {
-      if (gathered[tid].size() > kKeepCapacity) std::vector<int64_t>().swap(gathered[tid]);
-    }
-  };
-  if (bad != 0 || n_keep <= above || n_keep > above + inside) {
-    release_large();
-    TORCH_CHECK_VALUE(bad == 0, "scores must be finite, found ", bad, " NaN or inf value(s)");
-    return std::nullopt;
-  }
+  const auto totals = window_totals(counts, used, n_keep, gathered);
+  if (!totals) return std::nullopt;
+  const auto [above, inside] = *totals;
   std::vector<score_t> keys;
   keys.reserve(inside);
   for (int tid = 0; tid < threads; ++tid) {
@@ -503,7 +505,7 @@ std::optional<score_t> threshold_and_mask_near(const weight_t* w, const score_t*
       if ((kAbs ? std::abs(s[i]) : s[i]) >= t) out[i] = static_cast<out_t>(static_cast<acc_t>(w[i]) * acc_t(1));
     }
   }
-  release_large();
+  release_large(gathered);
   return t;
 }
 
