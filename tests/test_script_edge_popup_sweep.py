@@ -70,6 +70,8 @@ def test_combine_merges_runs_counting_a_point_once(quick_run, tmp_path):
     (["--densities", "0.5,1.5"], "--densities: every value must be in"),
     (["--seeds", "a"], "--seeds: a comma list of int values"),
     (["--epochs", "0"], "--epochs: must be >= 1"),
+    (["--conv-train-limit", "-1"], "--conv-train-limit: must be >= 0"),  # 0 means all images
+    (["--conv-test-limit", "-5"], "--conv-test-limit: must be >= 0"),
 ])
 def test_bad_options_exit_2_naming_them(argv, message):
     proc = subprocess.run([sys.executable, str(SCRIPT), *argv], cwd=REPO,
