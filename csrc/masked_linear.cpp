@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/buffer_pool.h"
 #include "masked_linear.h"
 
 namespace maskprune {
@@ -112,7 +113,10 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad
     const int64_t rows = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
     const auto g2d = g.reshape({rows, out_features});
     const auto x2d = x.reshape({rows, in_features});
-    grad_scores = score_grad_over(at::mm(g2d.t(), x2d), weight, scores, abs_scores);
+    // On CPU into a cached buffer: it becomes the scores' .grad, freed by zero_grad and reused next step.
+    auto grad_weight = x.device().is_cpu() ? pooled_empty({out_features, in_features}, x.options())
+                                           : at::empty({out_features, in_features}, x.options());
+    grad_scores = score_grad_over(at::mm_out(grad_weight, g2d.t(), x2d), weight, scores, abs_scores);
   }
   return {grad_x, grad_scores};
 }

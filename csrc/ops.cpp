@@ -4,10 +4,34 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/buffer_pool.h"
+
+namespace {
+
+// _C.cpu_cache_bytes() -> int: bytes of freed buffers the CPU buffer cache holds (cpu/buffer_pool.h).
+PyObject* cpu_cache_bytes(PyObject*, PyObject*) {
+  return PyLong_FromSize_t(maskprune::buffer_pool_cached_bytes());
+}
+
+// _C.release_cpu_cache(): frees them.
+PyObject* release_cpu_cache(PyObject*, PyObject*) {
+  maskprune::buffer_pool_release();
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"cpu_cache_bytes", cpu_cache_bytes, METH_NOARGS, "Bytes of freed buffers held by the CPU buffer cache."},
+    {"release_cpu_cache", release_cpu_cache, METH_NOARGS, "Frees the buffers held by the CPU buffer cache."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
 extern "C" {
-// `import maskprune._C` loads this library, whose static initialisers register the ops below.
+// `import maskprune._C` loads this library, whose static initialisers register the ops below; the module
+// itself only carries the CPU buffer cache's two functions.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "buffer_pool.h"
 
 namespace maskprune {
 namespace {
@@ -404,7 +405,7 @@ void mask_into(const at::Tensor& w, const at::Tensor& s, const at::Tensor& t, bo
 at::Tensor apply_mask_cpu(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& t,
                           bool abs_scores, std::optional<at::ScalarType> dtype) {
   check_mask_args(weight, scores, t);
-  auto out = at::empty(weight.sizes(), weight.options().dtype(dtype.value_or(weight.scalar_type())));
+  auto out = pooled_empty(weight.sizes(), weight.options().dtype(dtype.value_or(weight.scalar_type())));
   mask_into(weight.contiguous(), scores.contiguous(), t, abs_scores, out);
   return out;
 }
@@ -524,7 +525,7 @@ std::tuple<at::Tensor, at::Tensor> threshold_and_mask_cpu(const at::Tensor& weig
   const auto out_dtype = dtype.value_or(weight.scalar_type());
   auto w = weight.contiguous();
   auto s = scores.contiguous();
-  auto out = at::empty(weight.sizes(), weight.options().dtype(out_dtype));
+  auto out = pooled_empty(weight.sizes(), weight.options().dtype(out_dtype));
   std::optional<at::Tensor> t;
   bool searched = false;  // the fused pass searched the narrow window (and t was not in it)
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "maskprune_threshold_and_mask_scores", [&] {
