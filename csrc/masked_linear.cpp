@@ -116,7 +116,13 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad
     // On CPU into a cached buffer: it becomes the scores' .grad, freed by zero_grad and reused next step.
     auto grad_weight = x.device().is_cpu() ? pooled_empty({out_features, in_features}, x.options())
                                            : at::empty({out_features, in_features}, x.options());
-    grad_scores = score_grad_over(at::mm_out(grad_weight, g2d.t(), x2d), weight, scores, abs_scores);
+    {
+      // out= GEMMs refuse inputs that require grad under grad mode (backward with create_graph=True);
+      // this backward is not differentiable anyway.
+      at::NoGradGuard no_grad;
+      at::mm_out(grad_weight, g2d.t(), x2d);
+    }
+    grad_scores = score_grad_over(grad_weight, weight, scores, abs_scores);
   }
   return {grad_x, grad_scores};
 }

@@ -2,21 +2,39 @@
 // cpu/ (CPU kernels), cuda/ (CUDA kernels), masked_linear.cpp (device-generic composites) and
 // autograd.cpp (the autograd of apply_mask and masked_linear).
 #include <Python.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
+
+#include <exception>
 
 #include "cpu/buffer_pool.h"
 
 namespace {
 
+// A C++ exception as a Python one (ValueError for c10::ValueError), instead of terminating the process.
+template <typename F>
+PyObject* guarded(F&& body) {
+  try {
+    return body();
+  } catch (const c10::ValueError& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
 // _C.cpu_cache_bytes() -> int: bytes of freed buffers the CPU buffer cache holds (cpu/buffer_pool.h).
 PyObject* cpu_cache_bytes(PyObject*, PyObject*) {
-  return PyLong_FromSize_t(maskprune::buffer_pool_cached_bytes());
+  return guarded([] { return PyLong_FromSize_t(maskprune::buffer_pool_cached_bytes()); });
 }
 
 // _C.release_cpu_cache(): frees them.
 PyObject* release_cpu_cache(PyObject*, PyObject*) {
-  maskprune::buffer_pool_release();
-  Py_RETURN_NONE;
+  return guarded([] {
+    maskprune::buffer_pool_release();
+    Py_RETURN_NONE;
+  });
 }
 
 PyMethodDef methods[] = {

@@ -229,11 +229,13 @@ HAS_CPP = _load_extension()
 
 
 def cpu_cache_bytes() -> int:
-    """Bytes of freed CPU buffers (W ⊙ M, dS) the C++ kernels keep for reuse by the next training step.
+    """Bytes of freed CPU buffers the C++ kernels keep for reuse by the next training step.
 
-    Without the cache glibc hands that memory back to the OS between steps and page-faults it back in
-    (thousands of faults per step for a 4M-weight layer). It holds at most MASKPRUNE_CPU_CACHE_MB
-    megabytes (read at import; default 256, 0 turns it off). 0 when the extension is not built.
+    The kernels' CPU outputs of 1 MB or more (W ⊙ M from apply_mask / threshold_and_mask, the weight
+    gradient that becomes dS) come from this cache; without it glibc hands that memory back to the OS
+    between steps and page-faults it back in. It holds at most MASKPRUNE_CPU_CACHE_MB megabytes (read
+    on first use; default 256, 0 turns it off; the oldest buffers are evicted to make room). 0 when the
+    extension is not built.
     """
     if not HAS_CPP:
         return 0

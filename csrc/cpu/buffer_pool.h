@@ -15,8 +15,9 @@ namespace maskprune {
 // Buffers of at least this many bytes go through the cache; smaller ones straight to c10's CPU allocator.
 constexpr size_t kPooledMinBytes = size_t{1} << 20;
 
-// The caching allocator: a freed buffer is kept (newest first, reused by a request of exactly its size)
-// while the cache holds at most MASKPRUNE_CPU_CACHE_MB megabytes (default 256; 0 turns it off).
+// The caching allocator: a freed buffer is kept (newest first, reused by a request of exactly its size;
+// the oldest are evicted to make room) within MASKPRUNE_CPU_CACHE_MB megabytes (read on first use; default
+// 256; 0 turns it off). Throws ValueError for a bad MASKPRUNE_CPU_CACHE_MB.
 c10::Allocator* buffer_pool();
 
 // Bytes the cache holds now (freed buffers waiting for reuse).
