@@ -30,29 +30,20 @@ size_t capacity_from_env() {
 
 // A caching allocator. Its DataPtrs are simple (context == data, as c10's CPU allocator makes them), so
 // the tensors support everything others do (copy-on-write clones included); the sizes of live buffers
-// are kept in a map for the deleter.
+// that may be cached are kept in a map for the deleter (a buffer it does not find is freed).
 class BufferPool final : public c10::Allocator {
  public:
   BufferPool() : capacity_(capacity_from_env()) {}
 
-  // A fork while another thread holds the lock would leave the child's copy locked for ever: the lock
-  // is taken around fork(). Registered once instance() is set.
-  static void register_fork_handlers() {
-    pthread_atfork([] { instance()->mutex_.lock(); }, [] { instance()->mutex_.unlock(); },
-                   [] { instance()->mutex_.unlock(); });
-  }
-
-  // The one pool (never destroyed: tensors freed during interpreter shutdown still call release()).
-  // nullptr until constructed; construction may throw (a bad MASKPRUNE_CPU_CACHE_MB) and is retried.
-  static BufferPool*& instance() {
-    static BufferPool* pool = nullptr;
-    return pool;
-  }
+  // fork() handlers: a fork while another thread holds the lock would leave the child's copy locked for ever.
+  void lock_for_fork() { mutex_.lock(); }
+  void unlock_after_fork() { mutex_.unlock(); }
 
   c10::DataPtr allocate(size_t bytes) override {
-    void* data = bytes >= kPooledMinBytes ? take(bytes) : nullptr;
+    const bool poolable = bytes >= kPooledMinBytes;
+    void* data = poolable ? take(bytes) : nullptr;
     if (data == nullptr) data = c10::alloc_cpu(bytes);
-    if (data != nullptr) {
+    if (poolable && data != nullptr) {
       try {
         std::lock_guard<std::mutex> lock(mutex_);
         live_.emplace(data, bytes);
@@ -135,14 +126,16 @@ class BufferPool final : public c10::Allocator {
   size_t cached_bytes_ = 0;
 };
 
+// The one pool, made on first use (thread-safe; a constructor that throws, for a bad MASKPRUNE_CPU_CACHE_MB,
+// runs again at the next call) and never destroyed: tensors freed during interpreter shutdown still call
+// release().
 BufferPool& pool() {
-  static std::mutex construction;
-  std::lock_guard<std::mutex> lock(construction);
-  auto*& instance = BufferPool::instance();
-  if (instance == nullptr) {
-    instance = new BufferPool();
-    BufferPool::register_fork_handlers();
-  }
+  static BufferPool* const instance = [] {
+    auto* made = new BufferPool();
+    pthread_atfork([] { pool().lock_for_fork(); }, [] { pool().unlock_after_fork(); },
+                   [] { pool().unlock_after_fork(); });
+    return made;
+  }();
   return *instance;
 }
 
@@ -150,7 +143,7 @@ void BufferPool::release(void* data) noexcept {
   if (data == nullptr) return;
   std::vector<void*> to_free;
   try {
-    to_free = instance()->retire(data);  // instance() exists: it allocated `data`
+    to_free = pool().retire(data);
   } catch (...) {
     to_free = {data};  // out of memory for the bookkeeping: free the buffer instead of keeping it
   }
