@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dense-weight-decay", type=float, default=0.0)
     g.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--nets", default="lenet300,conv4")
+    p.add_argument("--no-dense", action="store_true",
+                   help="train masks only: the dense-trained baselines come from another run, merged with --combine "
+                        "(a conv4 dense run at width 2 costs about 27 min on one core)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = leave torch's default)")
     p.add_argument("--run", default=None, help="run name (default: UTC time)")
     p.add_argument("--out", default=None, help="output folder (default results/edge_popup_sweep/<run>)")
@@ -107,7 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def grid(args) -> list[dict]:
     def net_points(net, densities, inits, widths, global_densities, seed):
-        pts = [dict(net=net, mode="dense", policy="-", density=1.0, init="-", width=w, seed=seed) for w in widths]
+        pts = [] if args.no_dense else [dict(net=net, mode="dense", policy="-", density=1.0, init="-", width=w,
+                                             seed=seed) for w in widths]
         pts += [dict(net=net, mode="mask", policy="layerwise", density=d, init=i, width=w, seed=seed)
                 for d in densities for i in inits for w in widths]
         pts += [dict(net=net, mode="mask", policy="global", density=d, init="signed_constant", width=w, seed=seed)

@@ -77,3 +77,24 @@ def test_bad_options_exit_2_naming_them(argv, message):
     proc = subprocess.run([sys.executable, str(SCRIPT), *argv], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_no_dense_grid_has_only_masks_and_summarizes_and_plots(tmp_path):
+    """--no-dense leaves the dense baselines to another run: the grid has mask points only, and a run's own
+    summary (gap_to_dense None) and plot still work."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import edge_popup_sweep as sweep
+    finally:
+        sys.path.pop(0)
+    args = sweep.parse_args(["--nets", "conv4", "--no-dense", "--conv-widths", "2", "--conv-densities", "0.1,0.9",
+                             "--conv-inits", "signed_constant"])
+    pts = sweep.grid(args)
+    assert [(p["mode"], p["density"], p["width"]) for p in pts] == [("mask", 0.1, 2.0), ("mask", 0.9, 2.0)]
+    assert any(p["mode"] == "dense" for p in sweep.grid(sweep.parse_args(["--nets", "conv4"])))
+    for p, acc in zip(pts, (0.8, 0.9)):
+        p.update(test_acc=acc, kept_weights=1, total_weights=2)
+    rows = sweep.summarize(pts)
+    assert [r["gap_to_dense"] for r in rows] == [None, None]
+    sweep.plot(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 10_000
