@@ -17,6 +17,7 @@
 
 #include "../checks.h"
 #include "buffer_pool.h"
+#include "sse_mask_pass.h"
 
 namespace maskprune {
 namespace {
@@ -359,6 +360,12 @@ using mask_acc_t = std::conditional_t<std::is_same_v<weight_t, double> || std::i
 template <typename score_t, typename weight_t, typename out_t, bool kAbs>
 void mask_loop(const weight_t* __restrict__ w, const score_t* __restrict__ s, out_t* __restrict__ out,
                score_t thr, int64_t begin, int64_t end) {
+#if defined(MASKPRUNE_SSE2_MASK_PASS)
+  if constexpr (std::is_same_v<score_t, float> && std::is_same_v<weight_t, float> && std::is_same_v<out_t, float>) {
+    sse::mask_range<kAbs>(w, s, out, thr, begin, end);
+    return;
+  }
+#endif
   using acc_t = mask_acc_t<weight_t, out_t>;
   for (int64_t i = begin; i < end; ++i) {
     const score_t key = kAbs ? std::abs(s[i]) : s[i];
@@ -416,12 +423,45 @@ at::Tensor apply_mask_cpu(const at::Tensor& weight, const at::Tensor& scores, co
 // are written as dropped, their indices gathered, and corrected once t is known. When t is not inside
 // the window, the ordinary threshold and mask pass run instead.
 
-// One slice [begin, end): out = W * 1[key >= hi], the window counts, and the indices of in-window keys
-// appended to `idx` (whose first `used` entries are this thread's so far).
+// A key inside the window of the fused pass: where it is, its value and its weight, so that the threshold
+// and the correction of W ⊙ M after the pass need not read the scores or weights again (out of order, so
+// each from DRAM). double holds every weight dtype exactly.
+template <typename score_t>
+struct InWindow {
+  int64_t index;
+  score_t key;
+  double weight;
+};
+
+// Appends in-window keys to a per-thread buffer that only grows (its first `used` entries are this
+// thread's so far).
+template <typename score_t>
+struct WindowGather {
+  std::vector<InWindow<score_t>>& buffer;
+  size_t used;
+  void reserve(int64_t more) {
+    if (buffer.size() < used + more) buffer.resize(2 * (used + more));
+  }
+  void operator()(int64_t index, score_t key, double weight) {  // one key, known to be inside
+    reserve(1);
+    buffer[used++] = {index, key, weight};
+  }
+};
+
+// One slice [begin, end): out = W * 1[key >= hi], the window counts, and the in-window keys gathered.
 template <typename score_t, typename weight_t, typename out_t, bool kAbs>
 void window_mask_pass(const weight_t* __restrict__ w, const score_t* __restrict__ s, out_t* __restrict__ out,
-                      int64_t begin, int64_t end, score_t lo, score_t hi, std::vector<int64_t>& idx, size_t& used,
+                      int64_t begin, int64_t end, score_t lo, score_t hi, WindowGather<score_t>& gather,
                       WindowCount& count) {
+#if defined(MASKPRUNE_SSE2_MASK_PASS)
+  if constexpr (std::is_same_v<score_t, float> && std::is_same_v<weight_t, float> && std::is_same_v<out_t, float>) {
+    sse::SliceCounts slice;
+    sse::window_mask_range<kAbs>(w, s, out, begin, end, lo, hi, slice, gather);
+    count.above += slice.above;
+    count.bad += slice.bad;
+    return;
+  }
+#endif
   const score_t big = std::numeric_limits<score_t>::max();
   auto key_at = [&](int64_t i) { return kAbs ? std::abs(s[i]) : s[i]; };
   using acc_t = mask_acc_t<weight_t, out_t>;
@@ -433,17 +473,16 @@ void window_mask_pass(const weight_t* __restrict__ w, const score_t* __restrict_
     bad += !(std::abs(s[i]) <= big);  // NaN and inf
     inside += (key >= lo) & (key < hi);
   };
-  size_t n_used = used;  // stored back at the end, as the counts
-  auto gather = [&](int64_t i0, int64_t i1) {
-    if (idx.size() < n_used + (i1 - i0)) idx.resize(2 * (n_used + (i1 - i0)));
-    int64_t* o = idx.data() + n_used;
+  auto gather_block = [&](int64_t i0, int64_t i1) {  // branch-free: every key written, the inside ones kept
+    gather.reserve(i1 - i0);
+    InWindow<score_t>* o = gather.buffer.data() + gather.used;
     int64_t j = 0;
     for (int64_t i = i0; i < i1; ++i) {
       const score_t key = key_at(i);
-      o[j] = i;
+      o[j] = {i, key, static_cast<double>(w[i])};
       j += (key >= lo) & (key < hi);
     }
-    n_used += j;
+    gather.used += j;
   };
   // counted in locals and stored once: the threads' WindowCounts share a cache line
   int64_t total_above = 0, total_bad = 0, i0 = begin;
@@ -452,20 +491,20 @@ void window_mask_pass(const weight_t* __restrict__ w, const score_t* __restrict_
     for (int64_t i = i0; i < i0 + kWindowBlock; ++i) visit(i, above, bad, inside);
     total_above += above;
     total_bad += bad;
-    if (inside != 0) gather(i0, i0 + kWindowBlock);
+    if (inside != 0) gather_block(i0, i0 + kWindowBlock);
   }
   int32_t above = 0, bad = 0, inside = 0;
   for (int64_t i = i0; i < end; ++i) visit(i, above, bad, inside);
-  if (inside != 0) gather(i0, end);
+  if (inside != 0) gather_block(i0, end);
   count.above += total_above + above;
   count.bad += total_bad + bad;
-  used = n_used;
 }
 
-// Per-thread index buffers of the fused pass that live across calls (as select_in_window's), one set for
-// every dtype combination.
-std::vector<std::vector<int64_t>>& index_buffers(int threads) {
-  static thread_local std::vector<std::vector<int64_t>> buffers;
+// Per-thread buffers of the fused pass that live across calls (as select_in_window's), one set per scores
+// dtype.
+template <typename score_t>
+std::vector<std::vector<InWindow<score_t>>>& in_window_buffers(int threads) {
+  static thread_local std::vector<std::vector<InWindow<score_t>>> buffers;
   if (buffers.size() < static_cast<size_t>(threads)) buffers.resize(threads);
   return buffers;
 }
@@ -481,12 +520,13 @@ std::optional<score_t> threshold_and_mask_near(const weight_t* w, const score_t*
   const int threads = at::get_num_threads();
   std::vector<WindowCount> counts(threads);
   std::vector<size_t> used(threads, 0);
-  auto& gathered = index_buffers(threads);
+  auto& gathered = in_window_buffers<score_t>(threads);
   auto* const gathered_base = gathered.data();
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     const int tid = at::get_thread_num();
-    window_mask_pass<score_t, weight_t, out_t, kAbs>(w, s, out, begin, end, lo, hi, gathered_base[tid], used[tid],
-                                                     counts[tid]);
+    WindowGather<score_t> gather{gathered_base[tid], used[tid]};
+    window_mask_pass<score_t, weight_t, out_t, kAbs>(w, s, out, begin, end, lo, hi, gather, counts[tid]);
+    used[tid] = gather.used;
   });
   const auto totals = window_totals(counts, used, n_keep, gathered);
   if (!totals) return std::nullopt;
@@ -494,18 +534,22 @@ std::optional<score_t> threshold_and_mask_near(const weight_t* w, const score_t*
   std::vector<score_t> keys;
   keys.reserve(inside);
   for (int tid = 0; tid < threads; ++tid) {
-    for (size_t j = 0; j < used[tid]; ++j) keys.push_back(kAbs ? std::abs(s[gathered[tid][j]]) : s[gathered[tid][j]]);
+    for (size_t j = 0; j < used[tid]; ++j) keys.push_back(gathered[tid][j].key);
   }
   auto nth = keys.begin() + (n_keep - above - 1);
   std::nth_element(keys.begin(), nth, keys.end(), std::greater<score_t>());
   const score_t t = *nth;
-  for (int tid = 0; tid < threads; ++tid) {  // the in-window keys >= t are kept after all
-    for (size_t j = 0; j < used[tid]; ++j) {
-      const int64_t i = gathered[tid][j];
-      using acc_t = mask_acc_t<weight_t, out_t>;
-      if ((kAbs ? std::abs(s[i]) : s[i]) >= t) out[i] = static_cast<out_t>(static_cast<acc_t>(w[i]) * acc_t(1));
+  // the in-window keys >= t are kept after all: each thread's own entries, in parallel (they are scattered
+  // over the weight, so each is a cache miss)
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    using acc_t = mask_acc_t<weight_t, out_t>;
+    for (int64_t tid = first; tid < last; ++tid) {
+      for (size_t j = 0; j < used[tid]; ++j) {
+        const auto& e = gathered_base[tid][j];
+        if (e.key >= t) out[e.index] = static_cast<out_t>(static_cast<acc_t>(e.weight) * acc_t(1));
+      }
     }
-  }
+  });
   release_large(gathered);
   return t;
 }

@@ -1,0 +1,116 @@
+// The float32 mask passes written with SSE2 intrinsics (every x86-64 CPU has SSE2), for the common case of
+// float32 scores, weights and output. Two things the portable loops in mask_ops.cpp cannot get from the
+// compiler: W ⊙ M is written with non-temporal stores (a 1 MB+ output would otherwise be read into the cache
+// before it is overwritten: one extra DRAM read per entry), and the fused threshold-and-mask pass keeps its
+// window counts in vector registers. Inside a training step these passes run from DRAM, where both matter.
+#pragma once
+
+#if defined(__SSE2__)
+#define MASKPRUNE_SSE2_MASK_PASS 1
+#include <emmintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace maskprune {
+namespace sse {
+
+// Counts of one slice of the window pass, as WindowCount in mask_ops.cpp.
+struct SliceCounts {
+  int64_t above = 0, bad = 0;
+};
+
+// One element as the portable loops write it: out = w * (key >= thr ? 1 : 0) (a dropped negative weight
+// is -0.0, a NaN weight stays NaN), with key = |s| or s.
+template <bool kAbs>
+inline float masked_value(float w, float s, float thr) {
+  const float key = kAbs ? std::abs(s) : s;
+  return w * (key >= thr ? 1.0f : 0.0f);
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// out[i] = W ⊙ 1[key >= thr] over [begin, end): scalar up to a 16-byte aligned output address, then
+// four lanes at a time with streaming stores.
+template <bool kAbs>
+void mask_range(const float* w, const float* s, float* out, float thr, int64_t begin, int64_t end) {
+  int64_t i = begin;
+  for (; i < end && !aligned16(out + i); ++i) out[i] = masked_value<kAbs>(w[i], s[i], thr);
+  const __m128 t = _mm_set1_ps(thr), one = _mm_set1_ps(1.0f);
+  const __m128 abs_mask = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
+  for (; i + 4 <= end; i += 4) {
+    __m128 key = _mm_loadu_ps(s + i);
+    if (kAbs) key = _mm_and_ps(key, abs_mask);
+    const __m128 keep = _mm_and_ps(_mm_cmpge_ps(key, t), one);  // 1.0 or 0.0 (0.0 for a NaN key)
+    _mm_stream_ps(out + i, _mm_mul_ps(_mm_loadu_ps(w + i), keep));
+  }
+  for (; i < end; ++i) out[i] = masked_value<kAbs>(w[i], s[i], thr);
+  _mm_sfence();  // the streamed stores are visible to every thread before the pass returns
+}
+
+// The fused window pass of threshold_and_mask over [begin, end): out = W ⊙ 1[key >= hi] (streamed), the
+// number of keys >= hi and of non-finite scores added to `counts`, and every key in [lo, hi) passed to
+// gather(index, key, weight). Few keys lie inside (about 0.2%), so the test per four lanes is a rarely taken branch.
+template <bool kAbs, typename Gather>
+void window_mask_range(const float* w, const float* s, float* out, int64_t begin, int64_t end, float lo, float hi,
+                       SliceCounts& counts, Gather& gather) {
+  const float big = std::numeric_limits<float>::max();
+  auto key_at = [&](int64_t i) { return kAbs ? std::abs(s[i]) : s[i]; };
+  int64_t above = 0, bad = 0;
+  auto scalar = [&](int64_t a, int64_t b) {  // the unaligned edges, element by element
+    for (int64_t i = a; i < b; ++i) {
+      const float key = key_at(i);
+      out[i] = masked_value<kAbs>(w[i], s[i], hi);
+      above += key >= hi;
+      bad += !(std::abs(s[i]) <= big);
+      if (key >= lo && key < hi) gather(i, key, w[i]);
+    }
+  };
+  int64_t i = begin;
+  while (i < end && !aligned16(out + i)) ++i;
+  scalar(begin, i);
+
+  const __m128 vlo = _mm_set1_ps(lo), vhi = _mm_set1_ps(hi), vbig = _mm_set1_ps(big), one = _mm_set1_ps(1.0f);
+  const __m128 abs_mask = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
+  // per-lane counters: a true comparison is all ones (-1 as an int), so subtracting it counts it
+  __m128i v_above = _mm_setzero_si128(), v_bad = _mm_setzero_si128();
+  auto flush = [&] {
+    alignas(16) int32_t lanes[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(lanes), v_above);
+    above += int64_t{lanes[0]} + lanes[1] + lanes[2] + lanes[3];
+    _mm_store_si128(reinterpret_cast<__m128i*>(lanes), v_bad);
+    bad += int64_t{lanes[0]} + lanes[1] + lanes[2] + lanes[3];
+    v_above = v_bad = _mm_setzero_si128();
+  };
+  constexpr int64_t kFlushEvery = int64_t{1} << 30;  // entries between flushes: a lane counts < 2^31
+  int64_t next_flush = i + kFlushEvery;
+  for (; i + 4 <= end; i += 4) {
+    const __m128 raw = _mm_loadu_ps(s + i);
+    const __m128 magnitude = _mm_and_ps(raw, abs_mask);
+    const __m128 key = kAbs ? magnitude : raw;
+    const __m128 ge_hi = _mm_cmpge_ps(key, vhi);
+    _mm_stream_ps(out + i, _mm_mul_ps(_mm_loadu_ps(w + i), _mm_and_ps(ge_hi, one)));
+    v_above = _mm_sub_epi32(v_above, _mm_castps_si128(ge_hi));
+    v_bad = _mm_sub_epi32(v_bad, _mm_castps_si128(_mm_cmpnle_ps(magnitude, vbig)));  // NaN and inf
+    const int inside = _mm_movemask_ps(_mm_and_ps(_mm_cmpge_ps(key, vlo), _mm_cmplt_ps(key, vhi)));
+    if (inside != 0) {
+      for (int lane = 0; lane < 4; ++lane) {
+        if (inside & (1 << lane)) gather(i + lane, key_at(i + lane), w[i + lane]);
+      }
+    }
+    if (i >= next_flush) {
+      flush();
+      next_flush = i + kFlushEvery;
+    }
+  }
+  flush();
+  scalar(i, end);
+  _mm_sfence();  // the streamed stores are visible to every thread before the pass returns
+  counts.above += above;
+  counts.bad += bad;
+}
+
+}  // namespace sse
+}  // namespace maskprune
+#endif  // __SSE2__
