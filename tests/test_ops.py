@@ -846,6 +846,24 @@ def test_threshold_and_mask_finds_t_in_its_own_pass_near_the_hint():
     assert torch.equal(t2, t) and torch.equal(y, maskprune.masked_linear(x, weight, scores, t))
 
 
+@needs_cpp
+@pytest.mark.parametrize("abs_scores,density", [(False, 0.5), (True, 0.99)], ids=["raw-0.5", "abs-0.99"])
+def test_threshold_window_is_wide_enough_when_t_is_near_zero(abs_scores, density):
+    """Where t lies near 0 (raw scores at density 0.5, |S| at density 0.99) the window scales with the scores'
+    magnitude, not with |hint|: a threshold that moved by 1e-4 of the scores' spread is still found in the
+    fused pass (a window of |hint| * 2^-9 missed it on every training step)."""
+    g = gen("window-near-zero")
+    scores, weight = torch.randn(300, 101, generator=g), torch.randn(300, 101, generator=g)
+    t = maskprune.threshold(scores, density, abs_scores=abs_scores, backend="cpp")
+    hint = t + 1e-4
+    assert abs(float(t)) < 0.05
+    call = lambda: torch.ops.maskprune.threshold_and_mask(weight, scores, density, abs_scores, hint)
+    assert window_misses(call) == 0
+    t2, w = call()
+    assert torch.equal(t2, t) and torch.equal(w, reference.apply_mask(weight, scores, t, abs_scores=abs_scores))
+    assert torch.equal(maskprune.threshold(scores, density, abs_scores=abs_scores, backend="cpp", hint=hint), t)
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_masked_linear_topk_partial_needs(device, backend):
     """Only some of x, scores and bias asking for a gradient: each gets the two-op path's, the others none."""

@@ -176,6 +176,13 @@ struct WindowCount {
   int64_t above = 0, bad = 0;  // keys >= hi, non-finite keys
 };
 
+// The order of the radix select's keys on finite values: by value, and +0.0 above -0.0 (which compare
+// equal as floats), so that a threshold found in a window has the bits the full select would give.
+template <typename T>
+bool key_greater(T a, T b) {
+  return a > b || (a == b && std::signbit(b) && !std::signbit(a));
+}
+
 // One slice [begin, end) of the window pass: whole blocks of kWindowBlock keys are counted branch-free
 // (this vectorises); the few blocks with a key inside [lo, hi) are gathered branch-free into `out`.
 // `out` is a buffer whose first `used` entries are this thread's keys so far; it only grows.
@@ -275,19 +282,48 @@ std::optional<scalar_t> select_in_window(const std::vector<at::Tensor>& tensors,
   }
   release_large(gathered);
   auto nth = candidates.begin() + (n_keep - above - 1);
-  std::nth_element(candidates.begin(), nth, candidates.end(), std::greater<scalar_t>());
+  std::nth_element(candidates.begin(), nth, candidates.end(), key_greater<scalar_t>);
   return *nth;
 }
 
-// Windows hint * (1 +- 2^-k) tried in turn: the narrow one holds ~0.2% of the keys of a layer whose
+// Windows hint +- scale * 2^-k tried in turn: the narrow one holds ~0.2% of the keys of a layer whose
 // scores are spread evenly; the wide one catches a threshold that moved by up to 3% in a step.
 constexpr int kWindowLog2[] = {9, 5};
+// Scores read (evenly strided) to estimate their magnitude for the window's scale.
+constexpr int64_t kScaleSample = 1024;
+
+// Sum and count of |s| over an evenly strided sample of at most kScaleSample finite entries.
+template <typename scalar_t>
+void sample_magnitude(const scalar_t* data, int64_t n, double& sum, int64_t& count) {
+  const int64_t stride = std::max<int64_t>(1, n / kScaleSample);
+  for (int64_t i = 0; i < n; i += stride) {
+    const double v = std::abs(static_cast<double>(data[i]));
+    if (v <= std::numeric_limits<double>::max()) {  // NaN and inf are the passes' to report
+      sum += v;
+      count += 1;
+    }
+  }
+}
+
+// The scale of the window around a hint: |hint|, or the scores' mean magnitude when that is larger. A
+// window relative to |hint| alone is too narrow when the threshold lies near 0 (raw scores at density
+// ~0.5, |S| at density near 1), where t moves by more than |hint| * 2^-9 in a step and the window
+// would miss on every step.
+template <typename scalar_t>
+scalar_t window_scale(scalar_t hint, double sum, int64_t count) {
+  const double mean = count > 0 ? sum / static_cast<double>(count) : 0.0;
+  return std::max(std::abs(hint), static_cast<scalar_t>(mean));
+}
 
 template <typename scalar_t, bool kAbs>
 std::optional<scalar_t> select_near_hint(const std::vector<at::Tensor>& tensors, int64_t n_keep, scalar_t hint,
                                          int first_window) {
+  double sum = 0.0;
+  int64_t count = 0;
+  for (const auto& t : tensors) sample_magnitude(t.data_ptr<scalar_t>(), t.numel(), sum, count);
+  const scalar_t scale = window_scale(hint, sum, count);
   for (int k = first_window; k < static_cast<int>(std::size(kWindowLog2)); ++k) {
-    const scalar_t half = std::abs(hint) * std::ldexp(scalar_t(1), -kWindowLog2[k]);
+    const scalar_t half = scale * std::ldexp(scalar_t(1), -kWindowLog2[k]);
     if (!(half > 0)) return std::nullopt;
     auto found = select_in_window<scalar_t, kAbs>(tensors, n_keep, hint - half, hint + half);
     if (found) return found;
@@ -509,12 +545,15 @@ std::vector<std::vector<InWindow<score_t>>>& in_window_buffers(int threads) {
   return buffers;
 }
 
-// The fused pass near hint h (window h * (1 +- 2^-kWindowLog2[0])): t, or nullopt when t lies outside the
-// window (then `out` holds no meaningful values).
+// The fused pass near hint h (window h +- scale * 2^-kWindowLog2[0], see window_scale): t, or nullopt when t
+// lies outside the window (then `out` holds no meaningful values).
 template <typename score_t, typename weight_t, typename out_t, bool kAbs>
 std::optional<score_t> threshold_and_mask_near(const weight_t* w, const score_t* s, out_t* out, int64_t n,
                                                int64_t n_keep, score_t hint) {
-  const score_t half = std::abs(hint) * std::ldexp(score_t(1), -kWindowLog2[0]);
+  double sum = 0.0;
+  int64_t count = 0;
+  sample_magnitude(s, n, sum, count);
+  const score_t half = window_scale(hint, sum, count) * std::ldexp(score_t(1), -kWindowLog2[0]);
   if (!(half > 0)) return std::nullopt;
   const score_t lo = hint - half, hi = hint + half;
   const int threads = at::get_num_threads();
@@ -537,7 +576,7 @@ std::optional<score_t> threshold_and_mask_near(const weight_t* w, const score_t*
     for (size_t j = 0; j < used[tid]; ++j) keys.push_back(gathered[tid][j].key);
   }
   auto nth = keys.begin() + (n_keep - above - 1);
-  std::nth_element(keys.begin(), nth, keys.end(), std::greater<score_t>());
+  std::nth_element(keys.begin(), nth, keys.end(), key_greater<score_t>);
   const score_t t = *nth;
   // the in-window keys >= t are kept after all: each thread's own entries, in parallel (they are scattered
   // over the weight, so each is a cache miss)
