@@ -39,17 +39,20 @@ struct StraightThroughMask : public torch::autograd::Function<StraightThroughMas
 };
 
 using BackwardOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                      const at::Tensor&, const at::Tensor&, bool, bool, bool);
+                                                      const at::Tensor&, const at::Tensor&, bool, bool, bool,
+                                                      const std::optional<at::Tensor>&);
 
 // What both masked_linear functions save: settings in saved_data, tensors (x, weight, scores, t, W ⊙ M or
-// an undefined tensor where the forward did not keep it).
+// an undefined tensor where the forward did not keep it), and the scores' sign bytes where the forward
+// packed them (a tensor only this node holds, so in saved_data).
 void save_linear(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores,
                  const at::Tensor& t, const at::Tensor& w_eff, const std::optional<at::Tensor>& bias,
-                 bool abs_scores) {
+                 bool abs_scores, const at::Tensor& signs = at::Tensor()) {
   const bool has_bias = bias.has_value() && bias->defined();
   ctx->saved_data["abs_scores"] = abs_scores;
   ctx->saved_data["has_bias"] = has_bias;
   if (has_bias) ctx->saved_data["bias_dtype"] = bias->scalar_type();
+  if (signs.defined()) ctx->saved_data["signs"] = signs;
   ctx->save_for_backward({x, weight, scores, t, w_eff});
 }
 
@@ -71,9 +74,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_grads(AutogradContext* ctx
   if (!grad.defined()) return {grad_x, grad_scores, grad_bias};
   const bool kept = w_eff.defined();
   if ((need_x && !kept) || need_scores) {
+    const auto found = ctx->saved_data.find("signs");
+    const std::optional<at::Tensor> signs =
+        found != ctx->saved_data.end() ? std::optional<at::Tensor>(found->second.toTensor()) : std::nullopt;
     std::tie(grad_x, grad_scores) = backward_op.call(grad, x, weight, scores, t,
                                                      ctx->saved_data["abs_scores"].toBool(), need_x && !kept,
-                                                     need_scores);
+                                                     need_scores, signs);
   }
   if (need_x && kept) grad_x = at::matmul(grad.to(x.scalar_type()), w_eff);
   if (!need_x) grad_x = at::Tensor();  // the op returns empty tensors for what was not asked
@@ -117,9 +123,10 @@ struct MaskedLinearTopKFunction : public torch::autograd::Function<MaskedLinearT
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       if (x.device().is_cpu()) {
-        at::Tensor w_eff;
-        std::tie(y, t, w_eff) = masked_linear_topk_keeping_weight(x, weight, scores, density, bias, abs_scores, hint);
-        save_linear(ctx, x, weight, scores, t, w_eff, bias, abs_scores);
+        at::Tensor w_eff, signs;
+        std::tie(y, t, w_eff) =
+            masked_linear_topk_keeping_weight(x, weight, scores, density, bias, abs_scores, hint, &signs);
+        save_linear(ctx, x, weight, scores, t, w_eff, bias, abs_scores, signs);
       } else {
         std::tie(y, t) = masked_linear_topk(x, weight, scores, density, bias, abs_scores, hint);
         save_linear(ctx, x, weight, scores, t, at::Tensor(), bias, abs_scores);

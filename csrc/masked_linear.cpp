@@ -59,6 +59,23 @@ at::Tensor call_masked_linear(const at::Tensor& x, const at::Tensor& weight, con
 
 namespace {
 
+// Whether the backward's dS pass can read the scores' packed signs (score_grad_signs_: CPU, |S| keys, a
+// float32 weight gradient over float32 scores).
+bool signs_usable(const at::Tensor& x, const at::Tensor& scores, bool abs_scores) {
+  return abs_scores && x.device().is_cpu() && x.scalar_type() == at::kFloat && scores.scalar_type() == at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_threshold_and_mask_signs(
+    const at::Tensor& weight, const at::Tensor& scores, double density, bool abs_scores,
+    const std::optional<at::Tensor>& hint, std::optional<at::ScalarType> dtype) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("maskprune::threshold_and_mask_signs", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, double, bool, const std::optional<at::Tensor>&,
+                           std::optional<at::ScalarType>)>();
+  return op.call(weight, scores, density, abs_scores, hint, dtype);
+}
+
 // The bias in x's dtype, checked; cast only when needed: an operator below autograd must not hand
 // back its input (opcheck).
 std::optional<at::Tensor> bias_for(const std::optional<at::Tensor>& bias, const at::Tensor& x,
@@ -77,9 +94,17 @@ std::tuple<at::Tensor, at::Tensor> threshold_and_mask(const at::Tensor& weight, 
   return {t, call_apply_mask(weight, scores, t, abs_scores, dtype)};
 }
 
-// dS from a freshly computed weight gradient, written over it when the dtypes allow (one buffer less).
+// dS from a freshly computed weight gradient, written over it when the dtypes allow (one buffer less); from
+// the scores' sign bytes instead of the scores where the forward packed them.
 at::Tensor score_grad_over(at::Tensor grad_weight, const at::Tensor& weight, const at::Tensor& scores,
-                           bool abs_scores) {
+                           bool abs_scores, const std::optional<at::Tensor>& signs) {
+  if (signs.has_value() && signs->defined() && signs_usable(grad_weight, scores, abs_scores)) {
+    static auto from_signs = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("maskprune::score_grad_signs_", "")
+                                 .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+    from_signs.call(grad_weight, weight, *signs);
+    return grad_weight;
+  }
   if (grad_weight.scalar_type() == scores.scalar_type() && grad_weight.is_contiguous()) {
     static auto inplace = c10::Dispatcher::singleton()
                               .findSchemaOrThrow("maskprune::score_grad_", "")
@@ -98,7 +123,8 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
 std::tuple<at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                           const at::Tensor& weight, const at::Tensor& scores,
                                                           const at::Tensor& t, bool abs_scores,
-                                                          bool need_grad_x, bool need_grad_scores) {
+                                                          bool need_grad_x, bool need_grad_scores,
+                                                          const std::optional<at::Tensor>& signs) {
   check_linear_args(x, weight, scores, t);
   check_linear_grad_out(grad_out, x, weight);
   const int64_t out_features = weight.size(0), in_features = weight.size(1);
@@ -122,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad
       at::NoGradGuard no_grad;
       at::mm_out(grad_weight, g2d.t(), x2d);
     }
-    grad_scores = score_grad_over(grad_weight, weight, scores, abs_scores);
+    grad_scores = score_grad_over(grad_weight, weight, scores, abs_scores, signs);
   }
   return {grad_x, grad_scores};
 }
@@ -142,10 +168,17 @@ std::pair<at::Tensor, at::Tensor> masked_linear_keeping_weight(const at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_topk_keeping_weight(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores, double density,
-    const std::optional<at::Tensor>& bias, bool abs_scores, const std::optional<at::Tensor>& hint) {
+    const std::optional<at::Tensor>& bias, bool abs_scores, const std::optional<at::Tensor>& hint,
+    at::Tensor* signs) {
   check_linear_shapes(x, weight);
   const auto b = bias_for(bias, x, weight);
-  auto [t, w_eff] = call_threshold_and_mask(weight, scores, density, abs_scores, hint, x.scalar_type());
+  at::Tensor t, w_eff;
+  if (signs != nullptr && signs_usable(x, scores, abs_scores)) {
+    std::tie(t, w_eff, *signs) = call_threshold_and_mask_signs(weight, scores, density, abs_scores, hint,
+                                                               x.scalar_type());
+  } else {
+    std::tie(t, w_eff) = call_threshold_and_mask(weight, scores, density, abs_scores, hint, x.scalar_type());
+  }
   auto y = at::linear(x, w_eff, b);
   return {std::move(y), std::move(t), std::move(w_eff)};
 }

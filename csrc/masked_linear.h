@@ -34,10 +34,13 @@ std::pair<at::Tensor, at::Tensor> masked_linear_keeping_weight(const at::Tensor&
                                                                bool abs_scores);
 
 // (Y, t, W ⊙ M) with t the layer-wise threshold, found in the same pass over the scores as W ⊙ M where
-// the device has a fused kernel (threshold_and_mask).
+// the device has a fused kernel (threshold_and_mask). With `signs` non-null, where the backward can use
+// them (CPU, abs_scores, float32 x and scores), *signs receives the scores' packed sign bytes
+// (threshold_and_mask_signs); elsewhere it is left undefined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_topk_keeping_weight(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores, double density,
-    const std::optional<at::Tensor>& bias, bool abs_scores, const std::optional<at::Tensor>& hint);
+    const std::optional<at::Tensor>& bias, bool abs_scores, const std::optional<at::Tensor>& hint,
+    at::Tensor* signs = nullptr);
 
 // masked_linear_topk below autograd (e.g. under inference_mode): (Y, t). On CPU threshold_and_mask + GEMM,
 // elsewhere the threshold and masked_linear ops (so that CUDA keeps its fused GEMM).

@@ -71,6 +71,14 @@ TORCH_LIBRARY(maskprune, m) {
   m.def(
       "threshold_and_mask(Tensor weight, Tensor scores, float density, bool abs_scores, Tensor? hint=None, "
       "ScalarType? dtype=None) -> (Tensor, Tensor)");
+  // threshold_and_mask and the scores' signs packed for the backward: (t, W * 1[key >= t], signs), signs a
+  // uint8 tensor of (numel + 3) / 4 bytes, per four scores the negative bits (low nibble) and nonzero bits
+  // (high nibble) (cpu/score_signs.h). CPU only: its score gradient then reads signs instead of the scores.
+  m.def(
+      "threshold_and_mask_signs(Tensor weight, Tensor scores, float density, bool abs_scores, Tensor? hint=None, "
+      "ScalarType? dtype=None) -> (Tensor, Tensor, Tensor)");
+  // score_grad_ (abs_scores=True) with sign(S) from those sign bytes; float32 grad_weight.
+  m.def("score_grad_signs_(Tensor(a!) grad_weight, Tensor weight, Tensor signs) -> ()");
   // Y = X (W * M)^T (+ b) over x of shape (..., in_features), computed in x's dtype.
   m.def("masked_linear(Tensor x, Tensor weight, Tensor scores, Tensor t, Tensor? bias, bool abs_scores) -> Tensor");
   // (Y, t): masked_linear whose layer-wise threshold t is found in the same call (through threshold_and_mask),
@@ -78,8 +86,9 @@ TORCH_LIBRARY(maskprune, m) {
   m.def(
       "masked_linear_topk(Tensor x, Tensor weight, Tensor scores, float density, Tensor? bias, bool abs_scores, "
       "Tensor? hint=None) -> (Tensor, Tensor)");
-  // (dX, dS) of masked_linear; an output that is not needed comes back as an empty tensor.
+  // (dX, dS) of masked_linear; an output that is not needed comes back as an empty tensor. `signs`, the
+  // scores' sign bytes from threshold_and_mask_signs, may stand in for the scores in dS (CPU, abs_scores).
   m.def(
       "masked_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor scores, Tensor t, "
-      "bool abs_scores, bool need_grad_x, bool need_grad_scores) -> (Tensor, Tensor)");
+      "bool abs_scores, bool need_grad_x, bool need_grad_scores, Tensor? signs=None) -> (Tensor, Tensor)");
 }

@@ -300,12 +300,21 @@ if HAS_CPP:
     def _(weight, scores, density, abs_scores, hint=None, dtype=None):
         return scores.new_empty(()), weight.new_empty(weight.shape, dtype=dtype or weight.dtype)
 
+    @torch.library.register_fake(_lib + "threshold_and_mask_signs")
+    def _(weight, scores, density, abs_scores, hint=None, dtype=None):
+        signs = scores.new_empty(((scores.numel() + 3) // 4,), dtype=torch.uint8)
+        return scores.new_empty(()), weight.new_empty(weight.shape, dtype=dtype or weight.dtype), signs
+
+    @torch.library.register_fake(_lib + "score_grad_signs_")
+    def _(grad_weight, weight, signs):
+        return None
+
     @torch.library.register_fake(_lib + "masked_linear_topk")
     def _(x, weight, scores, density, bias, abs_scores, hint=None):
         return x.new_empty((*x.shape[:-1], weight.shape[0])), scores.new_empty(())
 
     @torch.library.register_fake(_lib + "masked_linear_backward")
-    def _(grad_out, x, weight, scores, t, abs_scores, need_grad_x, need_grad_scores):
+    def _(grad_out, x, weight, scores, t, abs_scores, need_grad_x, need_grad_scores, signs=None):
         grad_x = x.new_empty(x.shape) if need_grad_x else x.new_empty((0,))
         grad_scores = scores.new_empty(scores.shape) if need_grad_scores else scores.new_empty((0,))
         return grad_x, grad_scores

@@ -4,8 +4,10 @@ The model is a 784-2048-2048-10 ReLU MLP, batch 256, density 0.5. Every variant 
 in interleaved rounds, and the medians are reported as ratios to the dense step. The sort-based step
 follows allenai/hidden-networks' GetSubnet (sort every layer's |scores| on every forward pass).
 Then, per step of the masked MLP, the cost of each extra pass the mask step makes over its scores:
-the threshold with the previous step's threshold as hint (what the layers do) and without it (the full
-radix select), the fused mask pass and the fused score-gradient pass.
+the fused threshold-and-mask pass (with the scores' sign bytes, as the layers run it, and without), the
+threshold alone with the previous step's threshold as hint and without it (the full radix select), the
+fused mask pass, and the fused score-gradient pass (from the sign bytes, as the layers run it, and from
+the scores).
 Writes results/bench_cpu/results.json.
 """
 from __future__ import annotations
@@ -91,14 +93,18 @@ def extra_passes(masked: nn.Module, step, repeats: int) -> dict[str, float]:
     hints = [layer.threshold() for layer in layers]
     step()
     ops = maskprune.ops
-    out = {"threshold + mask in one pass, hint = previous step's t (what the layers run)": 0.0,
+    out = {"threshold + mask + sign bytes in one pass, hint = previous step's t (what the layers run)": 0.0,
+           "threshold + mask in one pass, hint = previous step's t": 0.0,
            "threshold, hint = previous step's t": 0.0, "threshold, no hint (full radix select)": 0.0,
-           "fused mask pass (W ⊙ M)": 0.0, "fused dS pass (in place)": 0.0}
+           "fused mask pass (W ⊙ M)": 0.0, "fused dS pass from the sign bytes (in place; what the layers run)": 0.0,
+           "fused dS pass from the scores (in place)": 0.0}
     for layer, hint in zip(layers, hints):
         s, w, d = layer.scores.detach(), layer.weight, layer.density
         t = ops.threshold(s, d, hint=hint)
         grad = torch.randn_like(s)
-        out["threshold + mask in one pass, hint = previous step's t (what the layers run)"] += median_ms(
+        out["threshold + mask + sign bytes in one pass, hint = previous step's t (what the layers run)"] += median_ms(
+            lambda: torch.ops.maskprune.threshold_and_mask_signs(w, s, d, True, hint), repeats)
+        out["threshold + mask in one pass, hint = previous step's t"] += median_ms(
             lambda: torch.ops.maskprune.threshold_and_mask(w, s, d, True, hint), repeats)
         out["threshold, hint = previous step's t"] += median_ms(lambda: ops.threshold(s, d, hint=hint), repeats)
         out["threshold, no hint (full radix select)"] += median_ms(lambda: ops.threshold(s, d), repeats)
@@ -106,7 +112,10 @@ def extra_passes(masked: nn.Module, step, repeats: int) -> dict[str, float]:
             lambda: torch.ops.maskprune.apply_mask(w, s, t, True), repeats)
         # each call gets a fresh copy of the gradient (so values stay normal); the copy is subtracted
         copy_ms = median_ms(lambda: grad.copy_(w), repeats)
-        out["fused dS pass (in place)"] += max(0.0, median_ms(
+        signs = torch.ops.maskprune.threshold_and_mask_signs(w, s, d, True, hint)[2]
+        out["fused dS pass from the sign bytes (in place; what the layers run)"] += max(0.0, median_ms(
+            lambda: torch.ops.maskprune.score_grad_signs_(grad.copy_(w), w, signs), repeats) - copy_ms)
+        out["fused dS pass from the scores (in place)"] += max(0.0, median_ms(
             lambda: torch.ops.maskprune.score_grad_(grad.copy_(w), w, s, True), repeats) - copy_ms)
     return out
 

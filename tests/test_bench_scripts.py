@@ -27,9 +27,11 @@ def test_bench_cpu_tiny_run_writes_json(tmp_path):
     assert all(row["median_ms"] > 0 for row in result["rows"])
     assert "x dense" in proc.stdout
     passes = result["extra_passes_ms"]
-    assert len(passes) == 5 and all(ms >= 0 for ms in passes.values())
+    assert len(passes) == 7 and all(ms >= 0 for ms in passes.values())
     assert any(name.startswith("threshold, hint") for name in passes)
     assert any(name.startswith("threshold + mask in one pass") for name in passes)
+    assert any(name.startswith("threshold + mask + sign bytes") for name in passes)
+    assert any(name.startswith("fused dS pass from the sign bytes") for name in passes)
 
 
 def test_bench_epoch_tiny_run_writes_json(tmp_path):

@@ -864,6 +864,138 @@ def test_threshold_window_is_wide_enough_when_t_is_near_zero(abs_scores, density
     assert torch.equal(maskprune.threshold(scores, density, abs_scores=abs_scores, backend="cpp", hint=hint), t)
 
 
+# ============================================================================================
+# The scores' sign bytes: threshold_and_mask_signs packs them in the mask pass, score_grad_signs_ reads them
+# ============================================================================================
+
+def decode_signs(signs: torch.Tensor, n: int) -> torch.Tensor:
+    """sign(S) from the packed bytes: per byte, negative bits in the low nibble, nonzero bits in the high one."""
+    b = signs.to(torch.int64)[:, None]
+    lanes = torch.arange(4)
+    negative, nonzero = (b >> lanes) & 1, (b >> (lanes + 4)) & 1
+    return (nonzero * (1 - 2 * negative)).flatten()[:n]
+
+
+def scores_with_zeros(n: int, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    s = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    s[::7] = 0.0
+    s[3::11] = -0.0
+    return s
+
+
+# sizes around the quads (4 scores per sign byte), the 16-score vectors and thread slices, and the fused
+# pass's minimum (more than 2^14 scores)
+SIGN_SIZES = [1, 3, 4, 5, 15, 17, 63, 16_391, 16_400, 70_001]
+
+
+@needs_cpp
+@pytest.mark.parametrize("weight_dtype,score_dtype,out_dtype", TOPK_DTYPES)
+@pytest.mark.parametrize("abs_scores", [True, False], ids=["abs", "raw"])
+def test_threshold_and_mask_signs_is_threshold_and_mask_plus_signs(weight_dtype, score_dtype, out_dtype, abs_scores):
+    """(t, W ⊙ M) bit for bit those of threshold_and_mask, and the bytes decode to sign(S) (0 for ±0.0), with
+    no hint, a hint near t (the fused pass packs the signs) and one far from it (a pass of their own)."""
+    g = gen("signs", weight_dtype, score_dtype, out_dtype, abs_scores)
+    for n in SIGN_SIZES:
+        scores = scores_with_zeros(n, score_dtype, g)
+        weight = torch.randn(n, generator=g, dtype=torch.float64).to(weight_dtype)
+        for density in [1e-9, 0.3, 1.0]:
+            t_ref, w_ref = torch.ops.maskprune.threshold_and_mask(weight, scores, density, abs_scores, None, out_dtype)
+            for h in [None, float(t_ref) * 1.0001 + 1e-6, float(t_ref) + 1e-4, abs(float(t_ref)) * 3 + 1]:
+                hint = None if h is None else torch.tensor(h, dtype=score_dtype)
+                t, w, signs = torch.ops.maskprune.threshold_and_mask_signs(weight, scores, density, abs_scores, hint,
+                                                                           out_dtype)
+                assert torch.equal(bits(t), bits(t_ref)) and torch.equal(bits(w), bits(w_ref)), (n, density, h)
+                assert signs.dtype == torch.uint8 and signs.shape == ((n + 3) // 4,)
+                assert torch.equal(decode_signs(signs, n), torch.sign(scores).to(torch.int64)), (n, density, h)
+    # non-contiguous scores and weight
+    scores, weight = torch.randn(101, 300, generator=g).t(), torch.randn(101, 300, generator=g).t()
+    t_ref = maskprune.threshold(scores, 0.3, backend="cpp")
+    t, w, signs = torch.ops.maskprune.threshold_and_mask_signs(weight, scores, 0.3, True, t_ref * 1.0001)
+    assert torch.equal(t, t_ref) and torch.equal(w, reference.apply_mask(weight, scores, t_ref))
+    assert torch.equal(decode_signs(signs, scores.numel()), torch.sign(scores.contiguous().flatten()).long())
+
+
+@needs_cpp
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=["f32", "f64", "f16", "bf16"])
+def test_score_grad_signs_is_score_grad_bit_for_bit(weight_dtype):
+    """dS from the sign bytes equals dS from the scores (score_grad_, |S| keys) bit for bit, zeros included."""
+    g = gen("score-grad-signs", weight_dtype)
+    for n in SIGN_SIZES:
+        scores = scores_with_zeros(n, torch.float32, g)
+        weight = torch.randn(n, generator=g, dtype=torch.float64).to(weight_dtype)
+        _, _, signs = torch.ops.maskprune.threshold_and_mask_signs(weight, scores, 0.5, True)
+        grad = torch.randn(n, generator=g)
+        want, got = grad.clone(), grad.clone()
+        torch.ops.maskprune.score_grad_(want, weight, scores, True)
+        torch.ops.maskprune.score_grad_signs_(got, weight, signs)
+        assert torch.equal(bits(got), bits(want)), n
+
+
+SIGNS_ISA_SCRIPT = """
+import hashlib, sys, torch, maskprune
+torch.set_num_threads(int(sys.argv[1]))
+ops, h, g = torch.ops.maskprune, hashlib.sha256(), torch.Generator().manual_seed(0)
+for n in (16_391, 70_001, 300 * 101):
+    s = torch.randn(n, generator=g); s[::7] = 0.0; s[3::11] = -0.0
+    w = torch.randn(n, generator=g)
+    for abs_scores in (True, False):
+        for density in (0.01, 0.5, 0.97):
+            t0 = maskprune.threshold(s, density, abs_scores=abs_scores, backend="cpp")
+            t, wm, signs = ops.threshold_and_mask_signs(w, s, density, abs_scores, t0 + 1e-5)
+            ds = torch.randn(n, generator=g)
+            ops.score_grad_signs_(ds, w, signs)
+            for x in (t, wm, signs, ds):
+                h.update(x.numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def cpu_has_avx512() -> bool:
+    try:
+        return "avx512f" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
+@needs_cpp
+@pytest.mark.skipif(not cpu_has_avx512(), reason="needs a CPU with AVX-512 (to compare its pass with SSE2's)")
+def test_avx512_and_sse2_passes_agree():
+    """The AVX-512 fused pass (chosen at run time) and the SSE2 one (MASKPRUNE_NO_AVX512=1) give the same
+    bytes, on one thread and on two (thread slices at odd places)."""
+    import os
+    import subprocess
+    import sys
+
+    digests = {}
+    for isa, env in [("avx512", {}), ("sse2", {"MASKPRUNE_NO_AVX512": "1"})]:
+        for threads in ("1", "2"):
+            proc = subprocess.run([sys.executable, "-c", SIGNS_ISA_SCRIPT, threads], capture_output=True, text=True,
+                                  env={**os.environ, **env}, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            digests[isa, threads] = proc.stdout.strip()
+    assert len(set(digests.values())) == 1, digests
+
+
+@needs_cpp
+@pytest.mark.parametrize("abs_scores,dtype,want", [(True, torch.float32, "maskprune::score_grad_signs_"),
+                                                   (False, torch.float32, "maskprune::score_grad_"),
+                                                   (True, torch.float64, "maskprune::score_grad_")],
+                         ids=["abs-f32", "raw-f32", "abs-f64"])
+def test_cpu_training_step_reads_signs_where_it_can(abs_scores, dtype, want):
+    """A CPU training step of a masked layer takes dS from the sign bytes (float32, |S| keys), and from the
+    scores elsewhere; both give the two-op path's gradients (test_masked_linear_topk_is_threshold_then_...)."""
+    layer = maskprune.MaskedLinear(300, 200, abs_scores=abs_scores, backend="cpp").to(dtype)
+    x = torch.randn(8, 300, dtype=dtype)
+    layer(x).sum().backward()  # the first step: no hint yet
+    with torch.no_grad():
+        layer.scores.mul_(1.001)  # as an optimizer step: the next forward finds its threshold anew
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        layer(x).sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert want in names and not ({"maskprune::score_grad_signs_", "maskprune::score_grad_"} - {want}) & names
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_masked_linear_topk_partial_needs(device, backend):
     """Only some of x, scores and bias asking for a gradient: each gets the two-op path's, the others none."""
@@ -973,6 +1105,14 @@ def opcheck_samples():
         ("threshold_and_mask", (w64, s64, 0.7, False), {"hint": torch.tensor(0.1, dtype=torch.float64),
                                                          "dtype": torch.float32}),
         ("threshold_and_mask", (r(200, 90).to(torch.bfloat16), r(200, 90), 1e-9, True), {"hint": torch.tensor(3.0)}),
+        ("threshold_and_mask_signs", (w, s, 0.5, True), {}),
+        ("threshold_and_mask_signs", (r(300, 101), r(300, 101), 0.3, True), {"hint": torch.tensor(0.4)}),
+        ("threshold_and_mask_signs", (w64, s64, 0.7, False), {"hint": torch.tensor(0.1, dtype=torch.float64),
+                                                               "dtype": torch.float32}),
+        ("score_grad_signs_", (r(5, 7), w, torch.ops.maskprune.threshold_and_mask_signs(w, s, 0.5, True)[2]), {}),
+        ("score_grad_signs_", (r(300, 101), r(300, 101).to(torch.bfloat16),
+                               torch.ops.maskprune.threshold_and_mask_signs(r(300, 101), r(300, 101), 0.3, True)[2]),
+         {}),
         ("masked_linear_topk", (x, w, s, 0.5, None, True), {}),
         ("masked_linear_topk", (r(3, 7, rg=True), w, r(5, 7, rg=True), 0.3, r(5, rg=True), False),
          {"hint": torch.tensor(0.2)}),
@@ -984,6 +1124,8 @@ def opcheck_samples():
         ("masked_linear_backward", (r(2, 3, 5), x3, w, s, t_raw, False, True, False), {}),
         ("masked_linear_backward", (r(2, 3, 5), x3, w, s, t, True, False, True), {}),
         ("masked_linear_backward", (r(3, 5), x, w, s, t, True, False, False), {}),
+        ("masked_linear_backward", (r(3, 5), x, w, s, t, True, True, True),
+         {"signs": torch.ops.maskprune.threshold_and_mask_signs(w, s, 0.5, True)[2]}),
     ]
 
 
@@ -994,7 +1136,8 @@ OPCHECK_SAMPLES = opcheck_samples() if ops.HAS_CPP else []
 def test_opcheck_covers_every_op():
     schema_ops = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("maskprune::")}
     assert {"threshold", "global_threshold", "apply_mask", "score_grad", "score_grad_", "threshold_and_mask",
-            "masked_linear", "masked_linear_topk", "masked_linear_backward"} <= schema_ops
+            "threshold_and_mask_signs", "score_grad_signs_", "masked_linear", "masked_linear_topk",
+            "masked_linear_backward"} <= schema_ops
     assert schema_ops <= {name for name, _, _ in OPCHECK_SAMPLES}
 
 
@@ -1205,6 +1348,23 @@ def raw_op_cases():
         ("topk-mask-half-scores", lambda: m("threshold_and_mask")(w, s.half(), 0.5, True), TypeError, "scores"),
         ("topk-mask-nan", lambda: m("threshold_and_mask")(w, nan, 0.5, True, t), ValueError, "finite"),
         ("topk-mask-int-hint", lambda: m("threshold_and_mask")(w, s, 0.5, True, i64(t)), TypeError, "hint"),
+        ("signs-mask-shape", lambda: m("threshold_and_mask_signs")(w, s.t(), 0.5, True), ValueError, "shape"),
+        ("signs-mask-density", lambda: m("threshold_and_mask_signs")(w, s, 0.0, True), ValueError, "density"),
+        ("signs-mask-int-scores", lambda: m("threshold_and_mask_signs")(w, i64(s), 0.5, True), TypeError, "scores"),
+        ("signs-grad-signs-dtype", lambda: m("score_grad_signs_")(w.clone(), w, torch.zeros(3)), TypeError,
+         "signs must be uint8"),
+        ("signs-grad-signs-size", lambda: m("score_grad_signs_")(w.clone(), w, torch.zeros(2, dtype=torch.uint8)),
+         ValueError, "signs must be a contiguous 1-d tensor of"),
+        ("signs-grad-dtype", lambda: m("score_grad_signs_")(w.double(), w, torch.zeros(3, dtype=torch.uint8)),
+         TypeError, "grad_weight must be float32"),
+        ("signs-grad-noncontig", lambda: m("score_grad_signs_")(torch.randn(4, 3).t(), w,
+                                                                 torch.zeros(3, dtype=torch.uint8)),
+         ValueError, "contiguous"),
+        ("signs-grad-weight-shape", lambda: m("score_grad_signs_")(w.clone(), torch.randn(4, 3),
+                                                                    torch.zeros(3, dtype=torch.uint8)),
+         ValueError, "weight must have grad_weight's shape"),
+        ("signs-grad-int-weight", lambda: m("score_grad_signs_")(w.clone(), i64(w), torch.zeros(3, dtype=torch.uint8)),
+         TypeError, "weight"),
         ("topk-linear-x-shape", lambda: m("masked_linear_topk")(torch.randn(2, 5), w, s, 0.5, None, True), ValueError,
          "x's"),
         ("topk-linear-density", lambda: m("masked_linear_topk")(x, w, s, 0.0, None, True), ValueError, "density"),

@@ -17,6 +17,8 @@
 
 #include "../checks.h"
 #include "buffer_pool.h"
+#include "avx512_mask_pass.h"
+#include "score_signs.h"
 #include "sse_mask_pass.h"
 
 namespace maskprune {
@@ -484,15 +486,33 @@ struct WindowGather {
   }
 };
 
-// One slice [begin, end): out = W * 1[key >= hi], the window counts, and the in-window keys gathered.
+// Whether the fused pass packs the scores' signs itself (the SSE2 float32 pass; else pack_signs runs after).
+template <typename score_t, typename weight_t, typename out_t>
+constexpr bool fused_signs =
+#if defined(MASKPRUNE_SSE2_MASK_PASS)
+    std::is_same_v<score_t, float> && std::is_same_v<weight_t, float> && std::is_same_v<out_t, float>;
+#else
+    false;
+#endif
+
+inline bool sse_aligned(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// One slice [begin, end): out = W * 1[key >= hi], the window counts, and the in-window keys gathered; with
+// `signs` (only used where fused_signs) also the scores' sign bytes.
 template <typename score_t, typename weight_t, typename out_t, bool kAbs>
 void window_mask_pass(const weight_t* __restrict__ w, const score_t* __restrict__ s, out_t* __restrict__ out,
                       int64_t begin, int64_t end, score_t lo, score_t hi, WindowGather<score_t>& gather,
-                      WindowCount& count) {
+                      WindowCount& count, uint8_t* signs) {
 #if defined(MASKPRUNE_SSE2_MASK_PASS)
-  if constexpr (std::is_same_v<score_t, float> && std::is_same_v<weight_t, float> && std::is_same_v<out_t, float>) {
+  if constexpr (fused_signs<score_t, weight_t, out_t>) {
+#if defined(MASKPRUNE_AVX512_MASK_PASS)
+    if (avx512::enabled() && avx512::aligned64(out) && begin % avx512::kLanes == 0) {
+      avx512::window_mask_range<kAbs>(w, s, out, begin, end, lo, hi, count.above, count.bad, gather, signs);
+      return;
+    }
+#endif
     sse::SliceCounts slice;
-    sse::window_mask_range<kAbs>(w, s, out, begin, end, lo, hi, slice, gather);
+    sse::window_mask_range<kAbs>(w, s, out, begin, end, lo, hi, slice, gather, signs);
     count.above += slice.above;
     count.bad += slice.bad;
     return;
@@ -546,10 +566,11 @@ std::vector<std::vector<InWindow<score_t>>>& in_window_buffers(int threads) {
 }
 
 // The fused pass near hint h (window h +- scale * 2^-kWindowLog2[0], see window_scale): t, or nullopt when t
-// lies outside the window (then `out` holds no meaningful values).
+// lies outside the window (then `out` holds no meaningful values). The threads take whole blocks of 16
+// scores (four sign bytes, one AVX-512 vector); `signs`, when given, is filled where fused_signs and `out` is 16-byte aligned.
 template <typename score_t, typename weight_t, typename out_t, bool kAbs>
 std::optional<score_t> threshold_and_mask_near(const weight_t* w, const score_t* s, out_t* out, int64_t n,
-                                               int64_t n_keep, score_t hint) {
+                                               int64_t n_keep, score_t hint, uint8_t* signs) {
   double sum = 0.0;
   int64_t count = 0;
   sample_magnitude(s, n, sum, count);
@@ -561,10 +582,12 @@ std::optional<score_t> threshold_and_mask_near(const weight_t* w, const score_t*
   std::vector<size_t> used(threads, 0);
   auto& gathered = in_window_buffers<score_t>(threads);
   auto* const gathered_base = gathered.data();
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+  constexpr int64_t kSlice = 16;  // thread slices start at multiples of 16: whole sign bytes, aligned vectors
+  at::parallel_for(0, (n + kSlice - 1) / kSlice, kGrain / kSlice, [&](int64_t slice_begin, int64_t slice_end) {
     const int tid = at::get_thread_num();
+    const int64_t begin = kSlice * slice_begin, end = std::min(n, kSlice * slice_end);
     WindowGather<score_t> gather{gathered_base[tid], used[tid]};
-    window_mask_pass<score_t, weight_t, out_t, kAbs>(w, s, out, begin, end, lo, hi, gather, counts[tid]);
+    window_mask_pass<score_t, weight_t, out_t, kAbs>(w, s, out, begin, end, lo, hi, gather, counts[tid], signs);
     used[tid] = gather.used;
   });
   const auto totals = window_totals(counts, used, n_keep, gathered);
@@ -593,10 +616,23 @@ std::optional<score_t> threshold_and_mask_near(const weight_t* w, const score_t*
   return t;
 }
 
-std::tuple<at::Tensor, at::Tensor> threshold_and_mask_cpu(const at::Tensor& weight, const at::Tensor& scores,
-                                                          double density, bool abs_scores,
-                                                          const std::optional<at::Tensor>& hint,
-                                                          std::optional<at::ScalarType> dtype) {
+// sign bytes (score_signs.h) of contiguous scores, one pass over whole quads.
+void pack_signs(const at::Tensor& s, uint8_t* signs) {
+  const int64_t n = s.numel();
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "maskprune_pack_signs", [&] {
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    at::parallel_for(0, (n + 3) / 4, kGrain / 4, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) signs[q] = sign_byte(sp + 4 * q, std::min<int64_t>(4, n - 4 * q));
+    });
+  });
+}
+
+// threshold_and_mask, and with `signs` (a buffer of (n + 3) / 4 bytes) the scores' sign bytes too: packed by
+// the fused pass where it can, else by a pass of their own.
+std::tuple<at::Tensor, at::Tensor> threshold_and_mask_into(const at::Tensor& weight, const at::Tensor& scores,
+                                                           double density, bool abs_scores,
+                                                           const std::optional<at::Tensor>& hint,
+                                                           std::optional<at::ScalarType> dtype, uint8_t* signs) {
   check_float(weight, "weight");
   check_scores(scores);
   TORCH_CHECK_VALUE(weight.sizes() == scores.sizes(), "scores must have the weight's shape ", weight.sizes(),
@@ -610,7 +646,8 @@ std::tuple<at::Tensor, at::Tensor> threshold_and_mask_cpu(const at::Tensor& weig
   auto s = scores.contiguous();
   auto out = pooled_empty(weight.sizes(), weight.options().dtype(out_dtype));
   std::optional<at::Tensor> t;
-  bool searched = false;  // the fused pass searched the narrow window (and t was not in it)
+  bool searched = false;      // the fused pass searched the narrow window (and t was not in it)
+  bool signs_packed = false;  // ... and packed the sign bytes
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "maskprune_threshold_and_mask_scores", [&] {
     using score_t = scalar_t;
     const auto h = usable_hint<score_t>(hint, abs_scores);
@@ -622,13 +659,16 @@ std::tuple<at::Tensor, at::Tensor> threshold_and_mask_cpu(const at::Tensor& weig
       const weight_t* wp = w.data_ptr<weight_t>();
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "maskprune_threshold_and_mask_out", [&] {
         scalar_t* op = out.data_ptr<scalar_t>();
-        const auto found = abs_scores
-                               ? threshold_and_mask_near<score_t, weight_t, scalar_t, true>(wp, sp, op, s.numel(), n_keep, *h)
-                               : threshold_and_mask_near<score_t, weight_t, scalar_t, false>(wp, sp, op, s.numel(), n_keep, *h);
+        uint8_t* fused = fused_signs<score_t, weight_t, scalar_t> && sse_aligned(op) ? signs : nullptr;
+        const auto found =
+            abs_scores ? threshold_and_mask_near<score_t, weight_t, scalar_t, true>(wp, sp, op, s.numel(), n_keep, *h, fused)
+                       : threshold_and_mask_near<score_t, weight_t, scalar_t, false>(wp, sp, op, s.numel(), n_keep, *h, fused);
         if (found) t = at::scalar_tensor(*found, at::TensorOptions().dtype(s.scalar_type()));
+        signs_packed = found && fused != nullptr;
       });
     });
   });
+  if (signs != nullptr && !signs_packed) pack_signs(s, signs);
   if (t) return {*t, out};
   auto separately = [&](int first_window) -> std::tuple<at::Tensor, at::Tensor> {
     auto threshold = threshold_of({s}, density, abs_scores, hint, first_window);
@@ -638,6 +678,23 @@ std::tuple<at::Tensor, at::Tensor> threshold_and_mask_cpu(const at::Tensor& weig
   if (!searched) return separately(0);
   RECORD_FUNCTION("maskprune::threshold_and_mask.window_missed", std::vector<c10::IValue>());  // seen by tests
   return separately(1);  // the narrow window is searched already
+}
+
+std::tuple<at::Tensor, at::Tensor> threshold_and_mask_cpu(const at::Tensor& weight, const at::Tensor& scores,
+                                                          double density, bool abs_scores,
+                                                          const std::optional<at::Tensor>& hint,
+                                                          std::optional<at::ScalarType> dtype) {
+  return threshold_and_mask_into(weight, scores, density, abs_scores, hint, dtype, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_and_mask_signs_cpu(const at::Tensor& weight,
+                                                                            const at::Tensor& scores, double density,
+                                                                            bool abs_scores,
+                                                                            const std::optional<at::Tensor>& hint,
+                                                                            std::optional<at::ScalarType> dtype) {
+  auto signs = pooled_empty({(scores.numel() + 3) / 4}, scores.options().dtype(at::kByte));
+  auto [t, out] = threshold_and_mask_into(weight, scores, density, abs_scores, hint, dtype, signs.data_ptr<uint8_t>());
+  return {t, out, signs};
 }
 
 // dS into `out` (scores' dtype, contiguous); `out` may alias grad_weight when their dtypes match.
@@ -677,6 +734,49 @@ void score_grad_inplace_cpu(at::Tensor& grad_weight, const at::Tensor& weight, c
   score_grad_into(grad_weight, weight.contiguous(), scores.contiguous(), grad_weight, abs_scores);
 }
 
+// One slice of score_grad_signs_, begin a multiple of 4: sign * (w * g) as score_grad_loop computes it.
+template <typename weight_t>
+void score_grad_from_signs_loop(float* g, const weight_t* w, const uint8_t* signs, int64_t begin, int64_t end) {
+#if defined(MASKPRUNE_SSE2_MASK_PASS)
+  if constexpr (std::is_same_v<weight_t, float>) {
+    sse::score_grad_from_signs_range(g, w, signs, begin, end);
+    return;
+  }
+#endif
+  for (int64_t i = begin; i < end; ++i) g[i] = sign_of(signs, i) * (static_cast<float>(w[i]) * g[i]);
+}
+
+// dS = sign(S) * W * grad_weight over grad_weight, sign(S) read from the sign bytes threshold_and_mask_signs
+// packed in the forward: the pass reads 1/16 of the scores' bytes instead of the scores.
+void score_grad_from_signs_inplace_cpu(at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& signs) {
+  check_float(grad_weight, "grad_weight");
+  check_float(weight, "weight");
+  TORCH_CHECK_TYPE(grad_weight.scalar_type() == at::kFloat, "grad_weight must be float32 (the scores' dtype), got ",
+                   grad_weight.scalar_type());
+  TORCH_CHECK_VALUE(grad_weight.is_contiguous(), "grad_weight must be contiguous to take dS in place");
+  TORCH_CHECK_VALUE(weight.sizes() == grad_weight.sizes(), "weight must have grad_weight's shape ",
+                    grad_weight.sizes(), ", got ", weight.sizes());
+  TORCH_CHECK_TYPE(signs.scalar_type() == at::kByte, "signs must be uint8 (packed sign bytes), got ",
+                   signs.scalar_type());
+  const int64_t n = grad_weight.numel();
+  TORCH_CHECK_VALUE(signs.dim() == 1 && signs.numel() == (n + 3) / 4 && signs.is_contiguous(),
+                    "signs must be a contiguous 1-d tensor of (numel + 3) / 4 = ", (n + 3) / 4, " bytes, got shape ",
+                    signs.sizes());
+  check_same_device(grad_weight, "grad_weight", weight, "weight");
+  check_same_device(grad_weight, "grad_weight", signs, "signs");
+  TORCH_CHECK_VALUE(grad_weight.device().is_cpu(), "grad_weight must be a CPU tensor here, got ",
+                    grad_weight.device());
+  const auto w = weight.contiguous();
+  float* gp = grad_weight.data_ptr<float>();
+  const uint8_t* sp = signs.data_ptr<uint8_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "maskprune_score_grad_signs", [&] {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    at::parallel_for(0, (n + 3) / 4, kGrain / 4, [&](int64_t q0, int64_t q1) {
+      score_grad_from_signs_loop(gp, wp, sp, 4 * q0, std::min(n, 4 * q1));
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(maskprune, CPU, m) {
@@ -684,6 +784,8 @@ TORCH_LIBRARY_IMPL(maskprune, CPU, m) {
   m.impl("global_threshold", &global_threshold_cpu);
   m.impl("apply_mask", &apply_mask_cpu);
   m.impl("threshold_and_mask", &threshold_and_mask_cpu);
+  m.impl("threshold_and_mask_signs", &threshold_and_mask_signs_cpu);
+  m.impl("score_grad_signs_", &score_grad_from_signs_inplace_cpu);
   m.impl("score_grad", &score_grad_cpu);
   m.impl("score_grad_", &score_grad_inplace_cpu);
 }

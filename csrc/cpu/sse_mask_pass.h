@@ -13,8 +13,21 @@
 #include <cstdint>
 #include <limits>
 
+#include "score_signs.h"
+
 namespace maskprune {
 namespace sse {
+
+// sign(S) for every lane pattern of a sign byte, as four floats.
+struct SignTable {
+  __m128 lanes[256];
+  SignTable() {
+    for (int b = 0; b < 256; ++b) {
+      const uint8_t byte = static_cast<uint8_t>(b);
+      lanes[b] = _mm_setr_ps(sign_of(&byte, 0), sign_of(&byte, 1), sign_of(&byte, 2), sign_of(&byte, 3));
+    }
+  }
+};
 
 // Counts of one slice of the window pass, as WindowCount in mask_ops.cpp.
 struct SliceCounts {
@@ -51,10 +64,12 @@ void mask_range(const float* w, const float* s, float* out, float thr, int64_t b
 
 // The fused window pass of threshold_and_mask over [begin, end): out = W ⊙ 1[key >= hi] (streamed), the
 // number of keys >= hi and of non-finite scores added to `counts`, and every key in [lo, hi) passed to
-// gather(index, key, weight). Few keys lie inside (about 0.2%), so the test per four lanes is a rarely taken branch.
+// gather(index, key, weight). Few keys lie inside (about 0.2%), so the test per four lanes is a rarely taken
+// branch. With `signs` (then begin is a multiple of 4 and `out` 16-byte aligned) the scores' signs are packed
+// too, one byte per four scores (see sign_byte).
 template <bool kAbs, typename Gather>
 void window_mask_range(const float* w, const float* s, float* out, int64_t begin, int64_t end, float lo, float hi,
-                       SliceCounts& counts, Gather& gather) {
+                       SliceCounts& counts, Gather& gather, uint8_t* signs = nullptr) {
   const float big = std::numeric_limits<float>::max();
   auto key_at = [&](int64_t i) { return kAbs ? std::abs(s[i]) : s[i]; };
   int64_t above = 0, bad = 0;
@@ -93,6 +108,11 @@ void window_mask_range(const float* w, const float* s, float* out, int64_t begin
     _mm_stream_ps(out + i, _mm_mul_ps(_mm_loadu_ps(w + i), _mm_and_ps(ge_hi, one)));
     v_above = _mm_sub_epi32(v_above, _mm_castps_si128(ge_hi));
     v_bad = _mm_sub_epi32(v_bad, _mm_castps_si128(_mm_cmpnle_ps(magnitude, vbig)));  // NaN and inf
+    if (signs != nullptr) {
+      const __m128 zero = _mm_setzero_ps();
+      signs[i >> 2] = static_cast<uint8_t>(_mm_movemask_ps(_mm_cmplt_ps(raw, zero)) |
+                                           (_mm_movemask_ps(_mm_cmpneq_ps(raw, zero)) << 4));
+    }
     const int inside = _mm_movemask_ps(_mm_and_ps(_mm_cmpge_ps(key, vlo), _mm_cmplt_ps(key, vhi)));
     if (inside != 0) {
       for (int lane = 0; lane < 4; ++lane) {
@@ -106,9 +126,22 @@ void window_mask_range(const float* w, const float* s, float* out, int64_t begin
   }
   flush();
   scalar(i, end);
+  if (signs != nullptr && i < end) signs[i >> 2] = sign_byte(s + i, end - i);  // the last, partial quad
   _mm_sfence();  // the streamed stores are visible to every thread before the pass returns
   counts.above += above;
   counts.bad += bad;
+}
+
+// dS = (W ⊙ G) ⊙ sign(S) over [begin, end), written over G, with sign(S) read from the packed sign bytes
+// (1/16 of the scores' bytes); begin is a multiple of 4. The same products as score_grad_loop, bit for bit.
+inline void score_grad_from_signs_range(float* g, const float* w, const uint8_t* signs, int64_t begin, int64_t end) {
+  static const SignTable table;
+  int64_t i = begin;
+  for (; i + 4 <= end; i += 4) {
+    const __m128 wg = _mm_mul_ps(_mm_loadu_ps(w + i), _mm_loadu_ps(g + i));
+    _mm_storeu_ps(g + i, _mm_mul_ps(table.lanes[signs[i >> 2]], wg));
+  }
+  for (; i < end; ++i) g[i] = sign_of(signs, i) * (w[i] * g[i]);
 }
 
 }  // namespace sse

@@ -418,7 +418,8 @@ at::Tensor masked_linear_cuda(const at::Tensor& x, const at::Tensor& weight, con
 std::tuple<at::Tensor, at::Tensor> masked_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                                                                const at::Tensor& weight, const at::Tensor& scores,
                                                                const at::Tensor& t, bool abs_scores,
-                                                               bool need_grad_x, bool need_grad_scores) {
+                                                               bool need_grad_x, bool need_grad_scores,
+                                                               const std::optional<at::Tensor>& /*signs: CPU only*/) {
   check_linear_args_cuda(x, weight, scores, t);
   check_linear_grad_out(grad_out, x, weight);
   const int64_t out_features = weight.size(0), in_features = weight.size(1);
