@@ -45,12 +45,12 @@ inline uint32_t sign_word(uint32_t negative, uint32_t nonzero) {
   return word;
 }
 
-// As sse::window_mask_range, sixteen lanes at a time; begin is a multiple of kLanes and `out` 64-byte
+// As sse::window_mask_range (streaming stores with `stream`), sixteen lanes at a time; begin is a multiple of kLanes and `out` 64-byte
 // aligned. `above` and `bad` receive this slice's counts.
 template <bool kAbs, typename Gather>
 MASKPRUNE_TARGET_AVX512 void window_mask_range(const float* w, const float* s, float* out, int64_t begin,
                                                int64_t end, float lo, float hi, int64_t& above, int64_t& bad,
-                                               Gather& gather, uint8_t* signs) {
+                                               Gather& gather, bool stream, uint8_t* signs) {
   const float big = std::numeric_limits<float>::max();
   const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi), vbig = _mm512_set1_ps(big);
   const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
@@ -65,7 +65,9 @@ MASKPRUNE_TARGET_AVX512 void window_mask_range(const float* w, const float* s, f
     const __m512 key = kAbs ? magnitude : raw;
     const __mmask16 keep = _mm512_cmp_ps_mask(key, vhi, _CMP_GE_OQ);  // false for NaN
     // w * 1.0 or w * 0.0, as the scalar loops write it (a dropped negative weight is -0.0)
-    _mm512_stream_ps(out + i, _mm512_mul_ps(_mm512_loadu_ps(w + i), _mm512_maskz_mov_ps(keep, one)));
+    const __m512 masked = _mm512_mul_ps(_mm512_loadu_ps(w + i), _mm512_maskz_mov_ps(keep, one));
+    if (stream) _mm512_stream_ps(out + i, masked);
+    else _mm512_store_ps(out + i, masked);
     v_above = _mm512_mask_add_epi32(v_above, keep, v_above, count_one);
     v_bad = _mm512_mask_add_epi32(v_bad, _mm512_cmp_ps_mask(magnitude, vbig, _CMP_NLE_UQ), v_bad, count_one);
     if (signs != nullptr) {

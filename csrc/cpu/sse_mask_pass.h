@@ -1,7 +1,8 @@
 // The float32 mask passes written with SSE2 intrinsics (every x86-64 CPU has SSE2), for the common case of
 // float32 scores, weights and output. Two things the portable loops in mask_ops.cpp cannot get from the
-// compiler: W ⊙ M is written with non-temporal stores (a 1 MB+ output would otherwise be read into the cache
-// before it is overwritten: one extra DRAM read per entry), and the fused threshold-and-mask pass keeps its
+// compiler: a large W ⊙ M is written with non-temporal stores (`stream`: an output larger than the caches
+// would otherwise be read into them before it is overwritten, one extra DRAM read per entry; a small one is
+// better left in cache for the GEMM that reads it next), and the fused threshold-and-mask pass keeps its
 // window counts in vector registers. Inside a training step these passes run from DRAM, where both matter.
 #pragma once
 
@@ -44,10 +45,16 @@ inline float masked_value(float w, float s, float thr) {
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// Four floats to a 16-byte aligned address, past the caches or through them.
+inline void store4(float* p, __m128 v, bool stream) {
+  if (stream) _mm_stream_ps(p, v);
+  else _mm_store_ps(p, v);
+}
+
 // out[i] = W ⊙ 1[key >= thr] over [begin, end): scalar up to a 16-byte aligned output address, then
-// four lanes at a time with streaming stores.
+// four lanes at a time (streaming stores with `stream`).
 template <bool kAbs>
-void mask_range(const float* w, const float* s, float* out, float thr, int64_t begin, int64_t end) {
+void mask_range(const float* w, const float* s, float* out, float thr, int64_t begin, int64_t end, bool stream) {
   int64_t i = begin;
   for (; i < end && !aligned16(out + i); ++i) out[i] = masked_value<kAbs>(w[i], s[i], thr);
   const __m128 t = _mm_set1_ps(thr), one = _mm_set1_ps(1.0f);
@@ -56,20 +63,21 @@ void mask_range(const float* w, const float* s, float* out, float thr, int64_t b
     __m128 key = _mm_loadu_ps(s + i);
     if (kAbs) key = _mm_and_ps(key, abs_mask);
     const __m128 keep = _mm_and_ps(_mm_cmpge_ps(key, t), one);  // 1.0 or 0.0 (0.0 for a NaN key)
-    _mm_stream_ps(out + i, _mm_mul_ps(_mm_loadu_ps(w + i), keep));
+    store4(out + i, _mm_mul_ps(_mm_loadu_ps(w + i), keep), stream);
   }
   for (; i < end; ++i) out[i] = masked_value<kAbs>(w[i], s[i], thr);
   _mm_sfence();  // the streamed stores are visible to every thread before the pass returns
 }
 
-// The fused window pass of threshold_and_mask over [begin, end): out = W ⊙ 1[key >= hi] (streamed), the
+// The fused window pass of threshold_and_mask over [begin, end): out = W ⊙ 1[key >= hi] (streamed with
+// `stream`), the
 // number of keys >= hi and of non-finite scores added to `counts`, and every key in [lo, hi) passed to
 // gather(index, key, weight). Few keys lie inside (about 0.2%), so the test per four lanes is a rarely taken
 // branch. With `signs` (then begin is a multiple of 4 and `out` 16-byte aligned) the scores' signs are packed
 // too, one byte per four scores (see sign_byte).
 template <bool kAbs, typename Gather>
 void window_mask_range(const float* w, const float* s, float* out, int64_t begin, int64_t end, float lo, float hi,
-                       SliceCounts& counts, Gather& gather, uint8_t* signs = nullptr) {
+                       SliceCounts& counts, Gather& gather, bool stream, uint8_t* signs = nullptr) {
   const float big = std::numeric_limits<float>::max();
   auto key_at = [&](int64_t i) { return kAbs ? std::abs(s[i]) : s[i]; };
   int64_t above = 0, bad = 0;
@@ -105,7 +113,7 @@ void window_mask_range(const float* w, const float* s, float* out, int64_t begin
     const __m128 magnitude = _mm_and_ps(raw, abs_mask);
     const __m128 key = kAbs ? magnitude : raw;
     const __m128 ge_hi = _mm_cmpge_ps(key, vhi);
-    _mm_stream_ps(out + i, _mm_mul_ps(_mm_loadu_ps(w + i), _mm_and_ps(ge_hi, one)));
+    store4(out + i, _mm_mul_ps(_mm_loadu_ps(w + i), _mm_and_ps(ge_hi, one)), stream);
     v_above = _mm_sub_epi32(v_above, _mm_castps_si128(ge_hi));
     v_bad = _mm_sub_epi32(v_bad, _mm_castps_si128(_mm_cmpnle_ps(magnitude, vbig)));  // NaN and inf
     if (signs != nullptr) {
