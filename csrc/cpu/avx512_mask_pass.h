@@ -8,10 +8,10 @@
 #define MASKPRUNE_AVX512_MASK_PASS 1
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <algorithm>
 #include <cstring>
 #include <limits>
 
@@ -45,8 +45,8 @@ inline uint32_t sign_word(uint32_t negative, uint32_t nonzero) {
   return word;
 }
 
-// As sse::window_mask_range (streaming stores with `stream`), sixteen lanes at a time; begin is a multiple of kLanes and `out` 64-byte
-// aligned. `above` and `bad` receive this slice's counts.
+// As sse::window_mask_range (streaming stores with `stream`), sixteen lanes at a time; begin is a multiple
+// of kLanes and `out` 64-byte aligned. `above` and `bad` receive this slice's counts.
 template <bool kAbs, typename Gather>
 MASKPRUNE_TARGET_AVX512 void window_mask_range(const float* w, const float* s, float* out, int64_t begin,
                                                int64_t end, float lo, float hi, int64_t& above, int64_t& bad,

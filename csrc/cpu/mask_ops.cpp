@@ -575,7 +575,8 @@ std::vector<std::vector<InWindow<score_t>>>& in_window_buffers(int threads) {
 
 // The fused pass near hint h (window h +- scale * 2^-kWindowLog2[0], see window_scale): t, or nullopt when t
 // lies outside the window (then `out` holds no meaningful values). The threads take whole blocks of 16
-// scores (four sign bytes, one AVX-512 vector); `signs`, when given, is filled where fused_signs and `out` is 16-byte aligned.
+// scores (four sign bytes, one AVX-512 vector); `signs`, when given, is filled where fused_signs and `out`
+// is 16-byte aligned.
 template <typename score_t, typename weight_t, typename out_t, bool kAbs>
 std::optional<score_t> threshold_and_mask_near(const weight_t* w, const score_t* s, out_t* out, int64_t n,
                                                int64_t n_keep, score_t hint, uint8_t* signs) {
@@ -669,9 +670,11 @@ std::tuple<at::Tensor, at::Tensor> threshold_and_mask_into(const at::Tensor& wei
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "maskprune_threshold_and_mask_out", [&] {
         scalar_t* op = out.data_ptr<scalar_t>();
         uint8_t* fused = fused_signs<score_t, weight_t, scalar_t> && sse_aligned(op) ? signs : nullptr;
-        const auto found =
-            abs_scores ? threshold_and_mask_near<score_t, weight_t, scalar_t, true>(wp, sp, op, s.numel(), n_keep, *h, fused)
-                       : threshold_and_mask_near<score_t, weight_t, scalar_t, false>(wp, sp, op, s.numel(), n_keep, *h, fused);
+        const int64_t n = s.numel();
+        const auto found = abs_scores ? threshold_and_mask_near<score_t, weight_t, scalar_t, true>(wp, sp, op, n,
+                                                                                                   n_keep, *h, fused)
+                                      : threshold_and_mask_near<score_t, weight_t, scalar_t, false>(wp, sp, op, n,
+                                                                                                    n_keep, *h, fused);
         if (found) t = at::scalar_tensor(*found, at::TensorOptions().dtype(s.scalar_type()));
         signs_packed = found && fused != nullptr;
       });

@@ -70,11 +70,10 @@ void mask_range(const float* w, const float* s, float* out, float thr, int64_t b
 }
 
 // The fused window pass of threshold_and_mask over [begin, end): out = W ⊙ 1[key >= hi] (streamed with
-// `stream`), the
-// number of keys >= hi and of non-finite scores added to `counts`, and every key in [lo, hi) passed to
-// gather(index, key, weight). Few keys lie inside (about 0.2%), so the test per four lanes is a rarely taken
-// branch. With `signs` (then begin is a multiple of 4 and `out` 16-byte aligned) the scores' signs are packed
-// too, one byte per four scores (see sign_byte).
+// `stream`), the number of keys >= hi and of non-finite scores added to `counts`, and every key in [lo, hi)
+// passed to gather(index, key, weight). Few keys lie inside (about 0.2%), so the test per four lanes is a
+// rarely taken branch. With `signs` (then begin is a multiple of 4 and `out` 16-byte aligned) the scores'
+// signs are packed too, one byte per four scores (see sign_byte).
 template <bool kAbs, typename Gather>
 void window_mask_range(const float* w, const float* s, float* out, int64_t begin, int64_t end, float lo, float hi,
                        SliceCounts& counts, Gather& gather, bool stream, uint8_t* signs = nullptr) {
