@@ -43,8 +43,8 @@ using BackwardOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const a
                                                       const std::optional<at::Tensor>&);
 
 // What both masked_linear functions save: settings in saved_data, tensors (x, weight, scores, t, W ⊙ M or
-// an undefined tensor where the forward did not keep it), and the scores' sign bytes where the forward
-// packed them (a tensor only this node holds, so in saved_data).
+// an undefined tensor where the forward did not keep it, the scores' sign bytes or an undefined tensor where
+// the forward did not pack them).
 void save_linear(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores,
                  const at::Tensor& t, const at::Tensor& w_eff, const std::optional<at::Tensor>& bias,
                  bool abs_scores, const at::Tensor& signs = at::Tensor()) {
@@ -52,8 +52,7 @@ void save_linear(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& we
   ctx->saved_data["abs_scores"] = abs_scores;
   ctx->saved_data["has_bias"] = has_bias;
   if (has_bias) ctx->saved_data["bias_dtype"] = bias->scalar_type();
-  if (signs.defined()) ctx->saved_data["signs"] = signs;
-  ctx->save_for_backward({x, weight, scores, t, w_eff});
+  ctx->save_for_backward({x, weight, scores, t, w_eff, signs});
 }
 
 // (dX, dS, dBias) of a masked linear layer. needs_input_grad counts the tensor arguments given (an
@@ -74,9 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_grads(AutogradContext* ctx
   if (!grad.defined()) return {grad_x, grad_scores, grad_bias};
   const bool kept = w_eff.defined();
   if ((need_x && !kept) || need_scores) {
-    const auto found = ctx->saved_data.find("signs");
-    const std::optional<at::Tensor> signs =
-        found != ctx->saved_data.end() ? std::optional<at::Tensor>(found->second.toTensor()) : std::nullopt;
+    const std::optional<at::Tensor> signs = saved[5].defined() ? std::optional<at::Tensor>(saved[5]) : std::nullopt;
     std::tie(grad_x, grad_scores) = backward_op.call(grad, x, weight, scores, t,
                                                      ctx->saved_data["abs_scores"].toBool(), need_x && !kept,
                                                      need_scores, signs);
@@ -114,18 +111,21 @@ struct MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFunct
 
 // masked_linear_topk -> (Y, t): the same layer, its threshold found in the forward (on CPU in the mask
 // pass itself); t carries no gradient. Arguments: (x, weight, scores, bias, hint, density, abs_scores),
-// the optional tensors last so that bias, when given, is always the fourth tensor.
+// the optional tensors last so that bias, when given, is always the fourth tensor. `with_signs`: whether the
+// backward will want dS (on CPU the forward then packs the scores' sign bytes for it).
 struct MaskedLinearTopKFunction : public torch::autograd::Function<MaskedLinearTopKFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& scores, const std::optional<at::Tensor>& bias,
-                               const std::optional<at::Tensor>& hint, double density, bool abs_scores) {
+                               const std::optional<at::Tensor>& hint, double density, bool abs_scores,
+                               bool with_signs) {
     at::Tensor y, t;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       if (x.device().is_cpu()) {
         at::Tensor w_eff, signs;
         std::tie(y, t, w_eff) =
-            masked_linear_topk_keeping_weight(x, weight, scores, density, bias, abs_scores, hint, &signs);
+            masked_linear_topk_keeping_weight(x, weight, scores, density, bias, abs_scores, hint,
+                                              with_signs ? &signs : nullptr);
         save_linear(ctx, x, weight, scores, t, w_eff, bias, abs_scores, signs);
       } else {
         std::tie(y, t) = masked_linear_topk(x, weight, scores, density, bias, abs_scores, hint);
@@ -138,7 +138,7 @@ struct MaskedLinearTopKFunction : public torch::autograd::Function<MaskedLinearT
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto [grad_x, grad_scores, grad_bias] = linear_grads(ctx, grads[0], /*bias_edge=*/3);
-    return {grad_x, at::Tensor(), grad_scores, grad_bias, at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad_x, at::Tensor(), grad_scores, grad_bias, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -156,7 +156,9 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_topk_autograd(const at::Tensor&
                                                                const at::Tensor& scores, double density,
                                                                const std::optional<at::Tensor>& bias, bool abs_scores,
                                                                const std::optional<at::Tensor>& hint) {
-  auto out = MaskedLinearTopKFunction::apply(x, weight, scores, bias, hint, density, abs_scores);
+  // (inside forward grad mode is off: decided here)
+  const bool with_signs = at::GradMode::is_enabled() && scores.requires_grad();
+  auto out = MaskedLinearTopKFunction::apply(x, weight, scores, bias, hint, density, abs_scores, with_signs);
   return {out[0], out[1]};
 }
 

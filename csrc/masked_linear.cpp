@@ -60,9 +60,10 @@ at::Tensor call_masked_linear(const at::Tensor& x, const at::Tensor& weight, con
 namespace {
 
 // Whether the backward's dS pass can read the scores' packed signs (score_grad_signs_: CPU, |S| keys, a
-// float32 weight gradient over float32 scores).
+// float32 weight gradient over float32 scores). Elsewhere no signs are packed, and given ones are ignored.
 bool signs_usable(const at::Tensor& x, const at::Tensor& scores, bool abs_scores) {
-  return abs_scores && x.device().is_cpu() && x.scalar_type() == at::kFloat && scores.scalar_type() == at::kFloat;
+  return abs_scores && x.device().is_cpu() && scores.device().is_cpu() && x.scalar_type() == at::kFloat &&
+         scores.scalar_type() == at::kFloat;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_threshold_and_mask_signs(

@@ -87,7 +87,8 @@ TORCH_LIBRARY(maskprune, m) {
       "masked_linear_topk(Tensor x, Tensor weight, Tensor scores, float density, Tensor? bias, bool abs_scores, "
       "Tensor? hint=None) -> (Tensor, Tensor)");
   // (dX, dS) of masked_linear; an output that is not needed comes back as an empty tensor. `signs`, the
-  // scores' sign bytes from threshold_and_mask_signs, may stand in for the scores in dS (CPU, abs_scores).
+  // scores' sign bytes from threshold_and_mask_signs, stand in for the scores in dS on CPU with |S| keys
+  // and float32 x and scores; elsewhere they are ignored.
   m.def(
       "masked_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor scores, Tensor t, "
       "bool abs_scores, bool need_grad_x, bool need_grad_scores, Tensor? signs=None) -> (Tensor, Tensor)");

@@ -994,6 +994,12 @@ def test_cpu_training_step_reads_signs_where_it_can(abs_scores, dtype, want):
         layer(x).sum().backward()
     names = {e.key for e in prof.key_averages()}
     assert want in names and not ({"maskprune::score_grad_signs_", "maskprune::score_grad_"} - {want}) & names
+    with torch.no_grad():  # no backward to come: no sign bytes packed
+        layer.scores.mul_(1.001)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            layer(x)
+    names = {e.key for e in prof.key_averages()}
+    assert "maskprune::threshold_and_mask" in names and "maskprune::threshold_and_mask_signs" not in names
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

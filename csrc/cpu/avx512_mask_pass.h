@@ -72,7 +72,7 @@ MASKPRUNE_TARGET_AVX512 void window_mask_range(const float* w, const float* s, f
     v_bad = _mm512_mask_add_epi32(v_bad, _mm512_cmp_ps_mask(magnitude, vbig, _CMP_NLE_UQ), v_bad, count_one);
     if (signs != nullptr) {
       const uint32_t word = sign_word(_mm512_cmp_ps_mask(raw, zero, _CMP_LT_OQ),
-                                      _mm512_cmp_ps_mask(raw, zero, _CMP_NEQ_UQ));
+                                      _mm512_cmp_ps_mask(raw, zero, _CMP_NEQ_OQ));  // ordered: NaN is 0
       std::memcpy(signs + (i >> 2), &word, sizeof(word));
     }
     const uint32_t inside = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(key, vlo, _CMP_GE_OQ), key, vhi, _CMP_LT_OQ);

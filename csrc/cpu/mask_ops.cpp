@@ -579,12 +579,13 @@ std::vector<std::vector<InWindow<score_t>>>& in_window_buffers(int threads) {
 // is 16-byte aligned.
 template <typename score_t, typename weight_t, typename out_t, bool kAbs>
 std::optional<score_t> threshold_and_mask_near(const weight_t* w, const score_t* s, out_t* out, int64_t n,
-                                               int64_t n_keep, score_t hint, uint8_t* signs) {
+                                               int64_t n_keep, score_t hint, uint8_t* signs, bool& pass_ran) {
   double sum = 0.0;
   int64_t count = 0;
   sample_magnitude(s, n, sum, count);
   const score_t half = window_scale(hint, sum, count) * std::ldexp(score_t(1), -kWindowLog2[0]);
   if (!(half > 0)) return std::nullopt;
+  pass_ran = true;  // from here on `signs` is filled, whether t is inside the window or not
   const score_t lo = hint - half, hi = hint + half;
   const int threads = at::get_num_threads();
   std::vector<WindowCount> counts(threads);
@@ -671,12 +672,13 @@ std::tuple<at::Tensor, at::Tensor> threshold_and_mask_into(const at::Tensor& wei
         scalar_t* op = out.data_ptr<scalar_t>();
         uint8_t* fused = fused_signs<score_t, weight_t, scalar_t> && sse_aligned(op) ? signs : nullptr;
         const int64_t n = s.numel();
-        const auto found = abs_scores ? threshold_and_mask_near<score_t, weight_t, scalar_t, true>(wp, sp, op, n,
-                                                                                                   n_keep, *h, fused)
-                                      : threshold_and_mask_near<score_t, weight_t, scalar_t, false>(wp, sp, op, n,
-                                                                                                    n_keep, *h, fused);
+        bool ran = false;
+        const auto found =
+            abs_scores
+                ? threshold_and_mask_near<score_t, weight_t, scalar_t, true>(wp, sp, op, n, n_keep, *h, fused, ran)
+                : threshold_and_mask_near<score_t, weight_t, scalar_t, false>(wp, sp, op, n, n_keep, *h, fused, ran);
         if (found) t = at::scalar_tensor(*found, at::TensorOptions().dtype(s.scalar_type()));
-        signs_packed = found && fused != nullptr;
+        signs_packed = ran && fused != nullptr;
       });
     });
   });

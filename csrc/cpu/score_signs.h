@@ -13,7 +13,7 @@ inline uint8_t sign_byte(const score_t* s, int64_t count) {
   uint8_t byte = 0;
   for (int64_t j = 0; j < count; ++j) {
     byte |= static_cast<uint8_t>((s[j] < score_t(0)) << j);
-    byte |= static_cast<uint8_t>((s[j] != score_t(0)) << (4 + j));
+    byte |= static_cast<uint8_t>(((s[j] < score_t(0)) | (s[j] > score_t(0))) << (4 + j));  // NaN: sign 0
   }
   return byte;
 }

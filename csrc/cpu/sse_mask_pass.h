@@ -117,8 +117,9 @@ void window_mask_range(const float* w, const float* s, float* out, int64_t begin
     v_bad = _mm_sub_epi32(v_bad, _mm_castps_si128(_mm_cmpnle_ps(magnitude, vbig)));  // NaN and inf
     if (signs != nullptr) {
       const __m128 zero = _mm_setzero_ps();
-      signs[i >> 2] = static_cast<uint8_t>(_mm_movemask_ps(_mm_cmplt_ps(raw, zero)) |
-                                           (_mm_movemask_ps(_mm_cmpneq_ps(raw, zero)) << 4));
+      const __m128 negative = _mm_cmplt_ps(raw, zero);  // ordered: false for NaN, as sign_byte
+      const __m128 nonzero = _mm_or_ps(negative, _mm_cmpgt_ps(raw, zero));
+      signs[i >> 2] = static_cast<uint8_t>(_mm_movemask_ps(negative) | (_mm_movemask_ps(nonzero) << 4));
     }
     const int inside = _mm_movemask_ps(_mm_and_ps(_mm_cmpge_ps(key, vlo), _mm_cmplt_ps(key, vhi)));
     if (inside != 0) {
