@@ -13,6 +13,9 @@ namespace maskprune {
 #define MP_HOST_DEVICE inline
 #endif
 
+// Whether p is aligned to `bytes` (a power of two): the vector stores of the CPU mask passes need it.
+inline bool is_aligned(const void* p, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0; }
+
 // Number of kept entries for a density k in (0, 1]: rounded so float error in k*n never flips a weight.
 inline int64_t n_keep_for(double density, int64_t n) {
   TORCH_CHECK_VALUE(std::isfinite(density) && density > 0.0 && density <= 1.0,

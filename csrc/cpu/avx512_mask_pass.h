@@ -15,6 +15,7 @@
 #include <cstring>
 #include <limits>
 
+#include "../checks.h"
 #include "score_signs.h"
 
 #define MASKPRUNE_TARGET_AVX512 __attribute__((target("avx512f")))
@@ -30,8 +31,6 @@ inline bool enabled() {
   }();
   return on;
 }
-
-inline bool aligned64(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 63u) == 0; }
 
 // Entries per thread slice: slices start at multiples of this (one sign word, one aligned vector).
 constexpr int64_t kLanes = 16;

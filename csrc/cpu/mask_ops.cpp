@@ -503,8 +503,6 @@ constexpr bool fused_signs =
     false;
 #endif
 
-inline bool sse_aligned(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 // One slice [begin, end): out = W * 1[key >= hi], the window counts, and the in-window keys gathered; with
 // `signs` (only used where fused_signs) also the scores' sign bytes.
 template <typename score_t, typename weight_t, typename out_t, bool kAbs>
@@ -514,15 +512,12 @@ void window_mask_pass(const weight_t* __restrict__ w, const score_t* __restrict_
 #if defined(MASKPRUNE_SSE2_MASK_PASS)
   if constexpr (fused_signs<score_t, weight_t, out_t>) {
 #if defined(MASKPRUNE_AVX512_MASK_PASS)
-    if (avx512::enabled() && avx512::aligned64(out) && begin % avx512::kLanes == 0) {
+    if (avx512::enabled() && is_aligned(out, 64) && begin % avx512::kLanes == 0) {
       avx512::window_mask_range<kAbs>(w, s, out, begin, end, lo, hi, count.above, count.bad, gather, stream, signs);
       return;
     }
 #endif
-    sse::SliceCounts slice;
-    sse::window_mask_range<kAbs>(w, s, out, begin, end, lo, hi, slice, gather, stream, signs);
-    count.above += slice.above;
-    count.bad += slice.bad;
+    sse::window_mask_range<kAbs>(w, s, out, begin, end, lo, hi, count.above, count.bad, gather, stream, signs);
     return;
   }
 #endif
@@ -670,7 +665,7 @@ std::tuple<at::Tensor, at::Tensor> threshold_and_mask_into(const at::Tensor& wei
       const weight_t* wp = w.data_ptr<weight_t>();
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "maskprune_threshold_and_mask_out", [&] {
         scalar_t* op = out.data_ptr<scalar_t>();
-        uint8_t* fused = fused_signs<score_t, weight_t, scalar_t> && sse_aligned(op) ? signs : nullptr;
+        uint8_t* fused = fused_signs<score_t, weight_t, scalar_t> && is_aligned(op, 16) ? signs : nullptr;
         const int64_t n = s.numel();
         bool ran = false;
         const auto found =

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "../checks.h"
 #include "score_signs.h"
 
 namespace maskprune {
@@ -30,11 +31,6 @@ struct SignTable {
   }
 };
 
-// Counts of one slice of the window pass, as WindowCount in mask_ops.cpp.
-struct SliceCounts {
-  int64_t above = 0, bad = 0;
-};
-
 // One element as the portable loops write it: out = w * (key >= thr ? 1 : 0) (a dropped negative weight
 // is -0.0, a NaN weight stays NaN), with key = |s| or s.
 template <bool kAbs>
@@ -42,8 +38,6 @@ inline float masked_value(float w, float s, float thr) {
   const float key = kAbs ? std::abs(s) : s;
   return w * (key >= thr ? 1.0f : 0.0f);
 }
-
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // Four floats to a 16-byte aligned address, past the caches or through them.
 inline void store4(float* p, __m128 v, bool stream) {
@@ -56,7 +50,7 @@ inline void store4(float* p, __m128 v, bool stream) {
 template <bool kAbs>
 void mask_range(const float* w, const float* s, float* out, float thr, int64_t begin, int64_t end, bool stream) {
   int64_t i = begin;
-  for (; i < end && !aligned16(out + i); ++i) out[i] = masked_value<kAbs>(w[i], s[i], thr);
+  for (; i < end && !is_aligned(out + i, 16); ++i) out[i] = masked_value<kAbs>(w[i], s[i], thr);
   const __m128 t = _mm_set1_ps(thr), one = _mm_set1_ps(1.0f);
   const __m128 abs_mask = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
   for (; i + 4 <= end; i += 4) {
@@ -70,16 +64,15 @@ void mask_range(const float* w, const float* s, float* out, float thr, int64_t b
 }
 
 // The fused window pass of threshold_and_mask over [begin, end): out = W ⊙ 1[key >= hi] (streamed with
-// `stream`), the number of keys >= hi and of non-finite scores added to `counts`, and every key in [lo, hi)
+// `stream`), the number of keys >= hi and of non-finite scores added to `above` and `bad`, and every key in [lo, hi)
 // passed to gather(index, key, weight). Few keys lie inside (about 0.2%), so the test per four lanes is a
 // rarely taken branch. With `signs` (then begin is a multiple of 4 and `out` 16-byte aligned) the scores'
 // signs are packed too, one byte per four scores (see sign_byte).
 template <bool kAbs, typename Gather>
 void window_mask_range(const float* w, const float* s, float* out, int64_t begin, int64_t end, float lo, float hi,
-                       SliceCounts& counts, Gather& gather, bool stream, uint8_t* signs = nullptr) {
+                       int64_t& above, int64_t& bad, Gather& gather, bool stream, uint8_t* signs = nullptr) {
   const float big = std::numeric_limits<float>::max();
   auto key_at = [&](int64_t i) { return kAbs ? std::abs(s[i]) : s[i]; };
-  int64_t above = 0, bad = 0;
   auto scalar = [&](int64_t a, int64_t b) {  // the unaligned edges, element by element
     for (int64_t i = a; i < b; ++i) {
       const float key = key_at(i);
@@ -90,7 +83,7 @@ void window_mask_range(const float* w, const float* s, float* out, int64_t begin
     }
   };
   int64_t i = begin;
-  while (i < end && !aligned16(out + i)) ++i;
+  while (i < end && !is_aligned(out + i, 16)) ++i;
   scalar(begin, i);
 
   const __m128 vlo = _mm_set1_ps(lo), vhi = _mm_set1_ps(hi), vbig = _mm_set1_ps(big), one = _mm_set1_ps(1.0f);
@@ -136,8 +129,6 @@ void window_mask_range(const float* w, const float* s, float* out, int64_t begin
   scalar(i, end);
   if (signs != nullptr && i < end) signs[i >> 2] = sign_byte(s + i, end - i);  // the last, partial quad
   _mm_sfence();  // the streamed stores are visible to every thread before the pass returns
-  counts.above += above;
-  counts.bad += bad;
 }
 
 // dS = (W ⊙ G) ⊙ sign(S) over [begin, end), written over G, with sign(S) read from the packed sign bytes
