@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dense-lr", type=float, default=1e-3)
     g.add_argument("--dense-weight-decay", type=float, default=0.0)
     g.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--nets", default="lenet300,conv4")
+    p.add_argument("--nets", default="lenet300,conv4", help="nets to run (with --combine: nets whose points to merge)")
     p.add_argument("--no-dense", action="store_true",
                    help="train masks only: the dense-trained baselines come from another run, merged with --combine "
                         "(a conv4 dense run at width 2 costs about 27 min on one core)")
@@ -301,17 +301,21 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def combine(files: list[str], folder: Path) -> Path:
-    """One summary and figure over several runs (e.g. a grid run by parts, or more seeds added later)."""
+def combine(files: list[str], folder: Path, nets: list[str] | None = None) -> Path:
+    """One summary and figure over several runs (e.g. a grid run by parts, or more seeds added later),
+    keeping only the points of `nets` (None: all), so one net's seeds can be merged out of mixed runs."""
     points: dict[tuple, dict] = {}
     for f in files:
         for pt in json.loads(Path(f).read_text())["points"]:
+            if nets is not None and pt["net"] not in nets:
+                continue
             key = tuple(pt[k] for k in ("net", "mode", "policy", "density", "init", "width", "seed"))
             points.setdefault(key, pt)
     rows = summarize(list(points.values()))
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "combined.json").write_text(json.dumps({"sources": files, "points": len(points), "summary": rows},
-                                                     indent=1))
+    merged_nets = sorted({p["net"] for p in points.values()})
+    (folder / "combined.json").write_text(json.dumps({"sources": files, "nets": merged_nets, "points": len(points),
+                                                      "summary": rows}, indent=1))
     plot(rows, folder / "combined.png")
     print(f"wrote {folder / 'combined.json'} and {folder / 'combined.png'} ({len(points)} points)")
     return folder
@@ -321,7 +325,7 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     folder = _common.run_dir("edge_popup_sweep", args.run, args.out)
     if args.combine:
-        return combine(args.combine, folder)
+        return combine(args.combine, folder, args.nets)
     _common.setup_threads(args.threads)
     config = dict(vars(args))
     config["issue_grid"] = {"densities": list(DENSITIES), "inits": list(INITS), "widths": [1, 2],

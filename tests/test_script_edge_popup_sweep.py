@@ -63,6 +63,19 @@ def test_combine_merges_runs_counting_a_point_once(quick_run, tmp_path):
     assert proc.returncode == 2 and "--combine: no such results.json" in proc.stderr
 
 
+def test_combine_keeps_only_the_nets_asked_for(quick_run, tmp_path):
+    """--nets with --combine merges one net's points out of runs that hold both nets."""
+    src = str(quick_run / "results.json")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--combine", src, "--nets", "conv4", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    combined = json.loads((tmp_path / "combined.json").read_text())
+    record = json.loads((quick_run / "results.json").read_text())
+    assert combined["nets"] == ["conv4"] and {r["net"] for r in combined["summary"]} == {"conv4"}
+    assert combined["points"] == sum(p["net"] == "conv4" for p in record["points"]) > 0
+    assert combined["summary"] == [r for r in record["summary"] if r["net"] == "conv4"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--nets", "resnet50"], "--nets: unknown net"),
     (["--inits", "zeros"], "--inits: unknown weight init"),
