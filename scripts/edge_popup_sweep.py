@@ -311,6 +311,8 @@ def combine(files: list[str], folder: Path, nets: list[str] | None = None) -> Pa
                 continue
             key = tuple(pt[k] for k in ("net", "mode", "policy", "density", "init", "width", "seed"))
             points.setdefault(key, pt)
+    if not points:
+        sys.exit(f"--combine: the runs hold no points of --nets {','.join(nets or [])}")
     rows = summarize(list(points.values()))
     folder.mkdir(parents=True, exist_ok=True)
     merged_nets = sorted({p["net"] for p in points.values()})

@@ -74,6 +74,12 @@ def test_combine_keeps_only_the_nets_asked_for(quick_run, tmp_path):
     assert combined["nets"] == ["conv4"] and {r["net"] for r in combined["summary"]} == {"conv4"}
     assert combined["points"] == sum(p["net"] == "conv4" for p in record["points"]) > 0
     assert combined["summary"] == [r for r in record["summary"] if r["net"] == "conv4"]
+    lenet_only = tmp_path / "lenet_only.json"
+    lenet_only.write_text(json.dumps({"points": [p for p in record["points"] if p["net"] == "lenet300"]}))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--combine", str(lenet_only), "--nets", "conv4", "--out",
+                           str(tmp_path / "empty")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "--combine: the runs hold no points of --nets conv4" in proc.stderr
+    assert not (tmp_path / "empty" / "combined.json").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
