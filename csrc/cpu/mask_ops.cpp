@@ -588,12 +588,13 @@ std::optional<score_t> threshold_and_mask_near(const weight_t* w, const score_t*
   auto& gathered = in_window_buffers<score_t>(threads);
   auto* const gathered_base = gathered.data();
   constexpr int64_t kSlice = 16;  // thread slices start at multiples of 16: whole sign bytes, aligned vectors
+  const bool stream = streams(n * sizeof(out_t));
   at::parallel_for(0, (n + kSlice - 1) / kSlice, kGrain / kSlice, [&](int64_t slice_begin, int64_t slice_end) {
     const int tid = at::get_thread_num();
     const int64_t begin = kSlice * slice_begin, end = std::min(n, kSlice * slice_end);
     WindowGather<score_t> gather{gathered_base[tid], used[tid]};
-    window_mask_pass<score_t, weight_t, out_t, kAbs>(w, s, out, begin, end, lo, hi, gather, counts[tid],
-                                                     streams(n * sizeof(out_t)), signs);
+    window_mask_pass<score_t, weight_t, out_t, kAbs>(w, s, out, begin, end, lo, hi, gather, counts[tid], stream,
+                                                     signs);
     used[tid] = gather.used;
   });
   const auto totals = window_totals(counts, used, n_keep, gathered);
