@@ -5,7 +5,7 @@ ENV_ID := $(shell $(PYTHON) -c "import hashlib, sys; print(hashlib.sha1(sys.pref
 STAMP := .stamps/install-$(ENV_ID)
 SOURCES := setup.py pyproject.toml Makefile $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench gpu-data gpu-check clean
 
 install: $(STAMP)
 
@@ -23,6 +23,16 @@ demo: install
 
 bench: install
 	$(PYTHON) scripts/bench_cpu.py
+
+# GPU bring-up (docs: README "GPU check"). Here: `make gpu-data` puts the verified MNIST file in .gpu-data/.
+# On the GPU machine (no registry, nothing to fetch): `make gpu-check OUT=DIR` builds, tests, trains and benchmarks
+# with what its python3 has; no `install` prerequisite, which would pip-install from a registry.
+OUT ?= gpu-check-out
+gpu-data: install
+	$(PYTHON) scripts/gpu_check.py --prepare-data --data-root .gpu-data
+
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py --out $(OUT)
 
 clean:
 	rm -rf build .stamps maskprune/_C*.so *.egg-info
