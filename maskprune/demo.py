@@ -12,9 +12,12 @@ from .train import TrainConfig, train
 RUNS = {"mask (density 0.5)": "mask", "dense": "dense"}
 
 
-def plot_curves(runs: dict[str, Path], path: Path) -> None:
-    """Validation accuracy per epoch, one line per run."""
-    import matplotlib
+def plot_curves(runs: dict[str, Path], path: Path) -> str | None:
+    """Validation accuracy per epoch, one line per run; returns why not when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib, or pip install 'maskprune[plot]')"
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -31,6 +34,7 @@ def plot_curves(runs: dict[str, Path], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return None
 
 
 def run_demo(out: Path, *, epochs: int = 10, quiet: bool = False) -> dict:
@@ -45,13 +49,14 @@ def run_demo(out: Path, *, epochs: int = 10, quiet: bool = False) -> dict:
         cfg = TrainConfig(model="lenet300", dataset="mnist", mode=mode, density=0.5, epochs=epochs, device="cpu",
                           threads=1)
         summaries[label] = train(cfg, runs[label], overwrite=True, quiet=quiet)
-    plot_curves(runs, out / "val_curves.png")
+    no_plot = plot_curves(runs, out / "val_curves.png")
     print(f"\n{'lenet300 / MNIST':20s} {'test acc (last)':>16s} {'test acc (best val)':>20s} "
           f"{'kept / total weights':>22s} {'s / epoch':>10s} {'total':>8s}")
     for label, s in summaries.items():
         kept = f"{s['kept_weights']:,} / {s['total_weights']:,}"
         print(f"{label:20s} {100 * s['test_acc_last']:15.2f}% {100 * s['test_acc_best']:19.2f}% "
               f"{kept:>22s} {s['seconds_per_epoch']:9.1f}s {s['wall_time_s']:7.1f}s")
-    print(f"\nvalidation curves: {out / 'val_curves.png'}; runs: {runs['mask (density 0.5)']}, {runs['dense']}")
+    curves = f"no plot: {no_plot}" if no_plot else f"validation curves: {out / 'val_curves.png'}"
+    print(f"\n{curves}; runs: {runs['mask (density 0.5)']}, {runs['dense']}")
     (out / "demo.json").write_text(json.dumps(summaries, indent=2) + "\n")
     return summaries

@@ -27,3 +27,26 @@ def test_demo_prints_table_and_writes_png(tmp_path, capsys, monkeypatch):
     # a second demo replaces the first one's runs
     cli.main(["demo", "--epochs", "1", "--out", str(tmp_path / "demo"), "--quiet"])
     assert len((tmp_path / "demo" / "mask" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_demo_without_matplotlib_prints_the_table_and_a_note(tmp_path, capsys, monkeypatch):
+    """An installed wheel without matplotlib: the table is printed, the plot replaced by a one-line note."""
+    import builtins
+
+    full = datasets.load("mnist")
+    small = dataclasses.replace(full, **{k: getattr(full, k)[:300] for k in
+                                         ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")})
+    monkeypatch.setattr(datasets, "load", lambda name, root=None: small)
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    cli.main(["demo", "--epochs", "1", "--out", str(tmp_path / "demo"), "--quiet"])
+    out = capsys.readouterr().out
+    assert "lenet300 / MNIST" in out and "no plot: matplotlib is not installed" in out
+    assert not (tmp_path / "demo" / "val_curves.png").exists()
+    assert (tmp_path / "demo" / "demo.json").is_file()
