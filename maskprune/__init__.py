@@ -1,9 +1,30 @@
 """maskprune: find accurate subnetworks inside frozen random networks by learning scores."""
+from __future__ import annotations
+
 __version__ = "0.1.0"
+
+import os
+from typing import TYPE_CHECKING
 
 from . import ops
 from .nn import MaskedConv2d, MaskedLinear, convert, mask_stats, to_dense
 from .ops import apply_mask, global_threshold, masked_linear, threshold
+from .runfiles import RunFileError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .train import TrainConfig
+
+
+def load_run(run_dir: str | os.PathLike, which: str = "best",
+             device: str | torch.device = "cpu") -> tuple[torch.nn.Module, TrainConfig]:
+    """``(model, config)`` of a saved run folder, ready for eval; see :func:`maskprune.evaluate.load_run`.
+    Files are read without running code; a bad one raises :class:`RunFileError` naming it."""
+    from .evaluate import load_run as _load_run  # imports the trainer: only when asked for
+
+    return _load_run(run_dir, which=which, device=device)
+
 
 __all__ = ["ops", "threshold", "global_threshold", "apply_mask", "masked_linear", "MaskedLinear", "MaskedConv2d",
-           "convert", "mask_stats", "to_dense", "__version__"]
+           "convert", "mask_stats", "to_dense", "load_run", "RunFileError", "__version__"]

@@ -1,19 +1,24 @@
 """The `maskprune` command: parses and validates, then calls the trainer, the evaluator or the data fetcher.
 
-Bad input ends with exit code 2 and one line on stderr naming the flag (or config key) and what is
-accepted; nothing is written before every check has passed.
+Bad input ends with exit code 2 and one line on stderr naming the flag (or config key, or file) and what is
+accepted; nothing is written before every check has passed. Every file read from a run folder goes through
+maskprune.runfiles (no code runs from a checkpoint). Ctrl-C ends with exit code 130 and one line saying where the
+run stopped and the command that continues it.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
 from . import data as datasets
-from . import models, ops
-from .train import CHOICES, ConfigError, TrainConfig, load_config_file, read_checkpoint, train, validate
+from . import __version__, models, ops
+from .runfiles import RunFileError
+from .train import (CHOICES, ConfigError, TrainConfig, TrainingInterrupted, load_config_file, read_checkpoint, train,
+                    validate)
 
 HELP = {
     "model": "network name: " + ", ".join(models.available()),
@@ -25,7 +30,10 @@ HELP = {
     "score_init": "initial scores: " + ", ".join(CHOICES["score_init"]),
     "scale_fan": "weight std as if the fan-in were density * fan-in",
     "width": "multiplies every hidden width", "widths": "hidden widths of the mlp model, e.g. 1000,1000",
+    "epochs": "passes over the training set", "batch_size": "examples per optimizer step (over all processes)",
     "optimizer": "sgd or adam", "lr": "peak learning rate (cosine decay to 0 per step)",
+    "momentum": "SGD momentum, in [0, 1)", "weight_decay": "L2 penalty on the trained tensors (scores in mask mode)",
+    "label_smoothing": "cross-entropy label smoothing, in [0, 1)",
     "nesterov": "Nesterov momentum (sgd)", "warmup_epochs": "linear warm-up epochs before the cosine",
     "amp": "bf16 autocast on CUDA (never on CPU)", "seed": "weights, scores and batch order; CPU runs repeat",
     "device": "auto, cpu, cuda or cuda:N", "backend": "mask-op backend: auto, " + ", ".join(ops.BACKENDS),
@@ -61,6 +69,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="maskprune", description="Mask training over frozen random networks (edge-popup).")
+    parser.add_argument("--version", action="version", version=f"maskprune {__version__}",
+                        help="print maskprune's version and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p_train = sub.add_parser("train", help="learn masks (or train densely) on a dataset")
@@ -70,26 +80,32 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--resume", metavar="RUN/last.pt",
                          help="continue a stopped run (its settings are the defaults; --out defaults to RUN)")
     p_train.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
-    p_train.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+    p_train.add_argument("--quiet", action="store_true",
+                         help="print nothing on success: hides the progress bar, the start line, the per-epoch "
+                              "lines and the final summary (summary.json and metrics.jsonl are still written)")
 
     p_eval = sub.add_parser("eval", help="re-evaluate a saved run on its validation and test sets")
-    p_eval.add_argument("run_dir")
+    p_eval.add_argument("run_dir", help="a run folder written by `maskprune train` (holds config.toml)")
     p_eval.add_argument("--device", help="where to evaluate (default: the run's device, or cpu without a GPU)")
 
     p_data = sub.add_parser("datasets", help="list datasets; `datasets fetch NAME` fetches and verifies one")
-    p_data.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
-    p_data.add_argument("name", nargs="?")
+    p_data.add_argument("action", nargs="?", choices=["list", "fetch"], default="list",
+                        help="list (default): which datasets are in the cache; fetch: download and verify NAME")
+    p_data.add_argument("name", nargs="?", help="the dataset to fetch: " + ", ".join(datasets.DATASETS))
 
     p_demo = sub.add_parser("demo", help="mask vs dense lenet300 on MNIST, with a table and a plot")
-    p_demo.add_argument("--epochs", type=int, default=10)
-    p_demo.add_argument("--out", default="runs/demo")
-    p_demo.add_argument("--quiet", action="store_true")
+    p_demo.add_argument("--epochs", type=int, default=10, help="epochs of each of the two runs (default: 10)")
+    p_demo.add_argument("--out", default="runs/demo", help="folder of the two runs and the plot (default: runs/demo)")
+    p_demo.add_argument("--quiet", action="store_true", help="no progress bars and no per-epoch lines")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's config: the resumed checkpoint's settings, then the --config file, then the flags given."""
-    values = dict(read_checkpoint(args.resume)["config"]) if args.resume else {}
+    try:
+        values = dict(read_checkpoint(args.resume)["config"]) if args.resume else {}
+    except RunFileError as err:
+        raise ConfigError("resume", str(err)) from None
     values.update(load_config_file(args.config) if args.config else {})
     for f in dataclasses.fields(TrainConfig):
         given = getattr(args, f.name)
@@ -106,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         out = args.out or f"runs/{cfg.model}-{cfg.dataset}-{cfg.mode}"
     summary = train(cfg, out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
-    if not args.quiet:
+    if not args.quiet and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone prints
         print(json.dumps(summary, indent=2))
 
 
@@ -116,6 +132,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     run = Path(args.run_dir)
     if not (run / "config.toml").is_file():
         fail(f"run_dir: {run} holds no config.toml (not a maskprune run folder)")
+    if args.device is not None:
+        try:
+            validate(TrainConfig(device=args.device))
+        except ConfigError as err:
+            fail(str(err))
     print(json.dumps(evaluate_run(run, device=args.device), indent=2))
 
 
@@ -142,10 +163,21 @@ def main(argv: list[str] | None = None) -> None:
     commands = {"train": cmd_train, "eval": cmd_eval, "datasets": cmd_datasets, "demo": cmd_demo}
     try:
         commands[args.command](args)
-    except ConfigError as err:
-        fail(str(err))
+    except (ConfigError, RunFileError) as err:
+        fail(str(err).replace("\n", " "))
     except (datasets.DatasetUnavailable, datasets.ChecksumError) as err:
         fail(str(err).replace("\n", " "))
+    except TrainingInterrupted as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"maskprune: {err}", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0")) == 0:
+            where = " before the run folder was written" if args.command == "train" else ""
+            print(f"maskprune: interrupted{where}", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except OSError as err:  # a disk that filled up, a folder removed under the run
+        fail(f"{err.filename + ': ' if err.filename else ''}{err.strerror or err}")
 
 
 if __name__ == "__main__":

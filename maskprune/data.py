@@ -194,21 +194,47 @@ def _log(msg: str) -> None:
     print(f"maskprune.data: {msg}", file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """An exclusive lock on FOLDER, so that ranks or processes sharing a cache do not fetch or decode twice."""
+def _lock_file(path: Path):
+    """An open, exclusively flock()ed handle of PATH, or None where locking is impossible (no fcntl, read-only).
+
+    The holder removes PATH on release, so a waiter that wakes holding a file no longer at PATH tries again:
+    the lock always lives on the file at PATH.
+    """
     try:
         import fcntl
-        handle = open(folder / ".lock", "a+")
-    except (ImportError, OSError):  # no fcntl (Windows) or a read-only cache: go on unlocked
-        yield
-        return
-    with handle:
+    except ImportError:  # Windows
+        return None
+    while True:
+        try:
+            handle = open(path, "a+")
+        except OSError:  # a read-only cache: go on unlocked
+            return None
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            mine, now = os.fstat(handle.fileno()), os.stat(path)
+            if (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino):
+                return handle
+        except OSError:
+            pass
+        handle.close()  # the previous holder removed it while this process waited
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on FOLDER, so that ranks or processes sharing a cache do not fetch or decode twice.
+
+    The ``.lock`` file is removed when the lock is released, whether the body succeeded or failed (a failed
+    download leaves no ``.lock`` behind).
+    """
+    path = folder / ".lock"
+    handle = _lock_file(path)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()  # while still holding the lock; closing the handle releases it
+            handle.close()
 
 
 def _sha256(path: Path) -> str:
@@ -221,11 +247,11 @@ def _sha256(path: Path) -> str:
 
 
 def _read_json(path: Path) -> dict:
-    """A JSON object from PATH, or {} when it is missing or unreadable."""
+    """A JSON object from PATH, or {} when it is missing or unreadable (not UTF-8, not JSON, nested too deep)."""
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(path.read_bytes().decode("utf-8"))
         return value if isinstance(value, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 
@@ -578,23 +604,37 @@ _DECODERS: dict[str, Callable[[Path, DatasetInfo], dict]] = {
     "mnist": _decode_mnist, "fashion-mnist": _decode_fashion, "cifar10": _decode_cifar, "cifar100": _decode_cifar}
 
 
+def _cache_ok(data, info: DatasetInfo) -> bool:
+    """Whether DATA (a loaded tensors-<key>.pt) holds uint8 images of INFO's shape, int64 labels of its classes,
+    as many of each per split, and a positive finite pixel scale."""
+    if not (isinstance(data, dict) and isinstance(data.get("scale"), float) and 0 < data["scale"] < float("inf")):
+        return False
+    for split in ("train", "val", "test"):
+        x, y = data.get(f"{split}_x"), data.get(f"{split}_y")
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.layout == y.layout == torch.strided
+                and x.dtype == torch.uint8 and y.dtype == torch.int64 and x.dim() == 4
+                and tuple(x.shape[1:]) == tuple(info.in_shape) and y.dim() == 1 and len(x) == len(y) > 0):
+            return False
+        if int(y.min()) < 0 or int(y.max()) >= info.num_classes:
+            return False
+    return True
+
+
 def _decoded(info: DatasetInfo, folder: Path, hashes: list[str]) -> dict:
     """The decoded uint8 tensors, from the tensors-<key>.pt cache when it holds them, else decoded and cached."""
     key = hashlib.sha256(json.dumps([CACHE_FORMAT, SPLIT_SEED, VAL_FRACTION, hashes]).encode()).hexdigest()[:16]
     cache = folder / f"tensors-{key}.pt"
 
     def read() -> dict | None:
-        """The cached tensors, or None when the cache is absent, torn or not of this format."""
+        """The cached tensors, or None when the cache is absent, torn, foreign, carries code (refused by the
+        weights-only load) or does not hold this dataset's shapes and labels: then it is rebuilt."""
         if not cache.is_file():
             return None
         try:
             data = torch.load(cache, map_location="cpu", weights_only=True)
-        except Exception:  # a torn or foreign cache file: rebuild it
+        except Exception:  # a torn or foreign cache file: rebuild it  # noqa: BLE001
             return None
-        ok = isinstance(data, dict) and isinstance(data.get("scale"), float) and all(
-            isinstance(data.get(k), torch.Tensor)
-            and data[k].dtype == (torch.uint8 if k.endswith("_x") else torch.int64) for k in _SPLIT_KEYS)
-        return data if ok else None
+        return data if _cache_ok(data, info) else None
 
     data = read()
     if data is None:

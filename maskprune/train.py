@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from . import data as datasets
 from . import models, ops
 from .masks import POLICIES
 from .nn import SCORE_INITS, WEIGHT_INITS, convert, mask_stats
+from .runfiles import RunFileError, _short, load_model_state, load_training_state, read_metrics, read_toml
+from .runfiles import read_checkpoint as _read_checkpoint
 
 # The files a run writes into its folder (--overwrite removes exactly these, nothing else).
 RUN_FILES = ("config.toml", "metrics.jsonl", "last.pt", "best.pt", "summary.json")
@@ -37,6 +40,32 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         super().__init__(f"--{key.replace('_', '-')}: {message}")
         self.key = key
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped a run after its folder was written; says where it stopped and how to go on.
+
+    ``epoch``: the 1-based epoch that was running (``epochs + 1`` during the final test); ``saved``: how many
+    epochs RUN/last.pt holds (0: none, the run cannot be resumed and is started again with --overwrite);
+    ``run_dir``; ``command``: the exact ``maskprune`` command that continues (or restarts) it.
+    A KeyboardInterrupt, so code that catches Ctrl-C still does.
+    """
+
+    def __init__(self, run_dir: Path, epoch: int, epochs: int, saved: int):
+        import shlex
+
+        self.run_dir, self.epoch, self.epochs, self.saved = Path(run_dir), epoch, epochs, saved
+        where = f"in epoch {epoch} of {epochs}" if epoch <= epochs else "during the final test"
+        if saved:
+            self.command = f"maskprune train --resume {shlex.quote(str(self.run_dir / 'last.pt'))}"
+            message = (f"interrupted {where}; {self.run_dir / 'last.pt'} holds epochs 1-{saved}. "
+                       f"Continue with: {self.command}")
+        else:
+            self.command = (f"maskprune train --config {shlex.quote(str(self.run_dir / 'config.toml'))} "
+                            f"--out {shlex.quote(str(self.run_dir))} --overwrite")
+            message = (f"interrupted {where}, before any epoch finished: there is no last.pt to resume. "
+                       f"Start again with: {self.command}")
+        super().__init__(message)
 
 
 @dataclass
@@ -87,14 +116,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(cfg, f.name, float(value))
         elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ConfigError(f.name, f"must be {expected.__name__}, got {value!r}")
+            raise ConfigError(f.name, f"must be {expected.__name__}, got {_short(value)}")
     for key, accepted in CHOICES.items():
         if getattr(cfg, key) not in accepted:
-            raise ConfigError(key, f"must be one of {', '.join(accepted)}, got {getattr(cfg, key)!r}")
+            raise ConfigError(key, f"must be one of {', '.join(accepted)}, got {_short(getattr(cfg, key))}")
     if cfg.model not in models.available():
-        raise ConfigError("model", f"must be one of {', '.join(models.available())}, got {cfg.model!r}")
+        raise ConfigError("model", f"must be one of {', '.join(models.available())}, got {_short(cfg.model)}")
     if cfg.dataset not in datasets.DATASETS:
-        raise ConfigError("dataset", f"must be one of {', '.join(datasets.DATASETS)}, got {cfg.dataset!r}")
+        raise ConfigError("dataset", f"must be one of {', '.join(datasets.DATASETS)}, got {_short(cfg.dataset)}")
     if not (math.isfinite(cfg.density) and 0.0 < cfg.density <= 1.0):
         raise ConfigError("density", f"must be in (0, 1], got {cfg.density}")
     for key in ("epochs", "batch_size"):
@@ -120,14 +149,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             if any(int(w) < 1 for w in cfg.widths.split(",")):
                 raise ValueError
         except ValueError:
-            raise ConfigError("widths", f"must be comma-separated positive integers, got {cfg.widths!r}") from None
-    try:
+            raise ConfigError("widths", f"must be comma-separated positive integers, got {_short(cfg.widths)}") from None
+    try:  # torch.device() raises RuntimeError or ValueError on names it cannot parse
         device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                               "cpu" if cfg.device == "auto" else cfg.device)
-    except RuntimeError:
-        raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}") from None
+    except (RuntimeError, ValueError):
+        raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got {_short(cfg.device)}") from None
     if device.type not in ("cpu", "cuda"):
-        raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+        raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got {_short(cfg.device)}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", "cuda was asked for but torch sees no CUDA GPU; use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
@@ -144,22 +173,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 # ----------------------------------------------------------------------------------------------
 
 def load_config_file(path: str | os.PathLike) -> dict:
-    """Reads a TOML config; a syntax error or an unknown key is a ConfigError naming it."""
+    """Reads a --config TOML file (see :func:`maskprune.runfiles.read_toml`); any problem with it is a
+    ConfigError naming --config and the file."""
     try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        raw = tomllib.loads(Path(path).read_text())
-    except OSError as err:
-        raise ConfigError("config", f"cannot read {path}: {err.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError("config", f"{path} is not valid TOML: {err}") from None
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    for key in raw:
-        if key.replace("-", "_") not in known:
-            raise ConfigError("config", f"{path}: unknown key {key!r}; accepted keys: {', '.join(sorted(known))}")
-    return {k.replace("-", "_"): v for k, v in raw.items()}
+        return read_toml(path)
+    except RunFileError as err:
+        raise ConfigError("config", str(err)) from None
 
 
 def dump_config(cfg: TrainConfig) -> str:
@@ -239,16 +258,19 @@ def weight_counts(model: nn.Module) -> tuple[int, int]:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """A run's last.pt, checked to be one; a missing or unreadable file is a ConfigError on --resume."""
-    if not Path(path).is_file():
+    """A run's last.pt for --resume, loaded without running code (:func:`maskprune.runfiles.read_checkpoint`).
+
+    A missing file is a ConfigError on --resume (saying to use --overwrite when the run stopped before its
+    first epoch ended); a malformed one is a :class:`~maskprune.runfiles.RunFileError`.
+    """
+    path = Path(path)
+    if not path.exists():
+        if (path.parent / "config.toml").is_file() and path.name == "last.pt":
+            raise ConfigError("resume", f"{path} does not exist: the run in {path.parent} stopped before its first "
+                                        f"epoch ended, so there is nothing to resume; start it again with "
+                                        f"--config {path.parent / 'config.toml'} --out {path.parent} --overwrite")
         raise ConfigError("resume", f"checkpoint {path} does not exist (give RUN/last.pt of a stopped run)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a torn or foreign file
-        raise ConfigError("resume", f"cannot read {path} as a checkpoint: {err}") from None
-    if not isinstance(checkpoint, dict) or not {"config", "optimizer", "epoch"} <= checkpoint.keys():
-        raise ConfigError("resume", f"{path} is not a run's last.pt (best.pt holds the weights only)")
-    return checkpoint
+    return _read_checkpoint(path, kind="last")
 
 
 def check_resume(checkpoint: dict, cfg: TrainConfig, resume: str, out: Path) -> None:
@@ -266,9 +288,23 @@ def check_out_dir(out: Path, resume: str | None, overwrite: bool) -> None:
     """Refuses a non-empty --out unless resuming or overwriting."""
     if out.exists() and not out.is_dir():
         raise ConfigError("out", f"{out} exists and is not a directory")
+    if not out.exists():
+        # The first folder above that exists must be a writable directory: a probe made and removed there finds
+        # out now, before data and model are built (root passes os.access even on /proc).
+        parent = next((p for p in out.absolute().parents if p.exists()), None)
+        if parent is None or not parent.is_dir():
+            raise ConfigError("out", f"{out} cannot be created: {parent} is not a directory")
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".maskprune-probe-", dir=parent))
+        except OSError as err:
+            raise ConfigError("out", f"{out} cannot be created: {parent} is not writable ({err.strerror})") from None
     if resume is None and not overwrite and out.is_dir() and any(out.iterdir()):
-        raise ConfigError("out", f"{out} is not empty; pass --resume {out / 'last.pt'} to continue it, "
-                                 "--overwrite to replace it, or another --out")
+        if (out / "last.pt").is_file():
+            hint = f"pass --resume {out / 'last.pt'} to continue it, --overwrite to replace it, or another --out"
+        else:  # stopped in its first epoch: nothing to resume yet
+            hint = "it holds no last.pt to resume (a run stopped in its first epoch); pass --overwrite to start it " \
+                   "again, or another --out"
+        raise ConfigError("out", f"{out} is not empty; {hint}")
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -339,100 +375,115 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: str | None = None
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
 
     # -- resume: weights/scores, optimizer and schedule state, and the run's bookkeeping
+    # (each checked to fit the network and optimizer built here, before anything is written)
     start_epoch, best_val, best_epoch, wall = 0, -1.0, 0, 0.0
+    kept_lines: list[str] = []
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        start_epoch, best_val = checkpoint["epoch"] + 1, checkpoint["best_val_acc"]
-        best_epoch, wall = checkpoint["best_epoch"], checkpoint["wall_time"]
+        load_model_state(model, checkpoint, resume)
+        load_training_state(optimizer, scheduler, checkpoint, resume)
+        start_epoch, best_val = checkpoint["epoch"] + 1, float(checkpoint["best_val_acc"])
+        best_epoch, wall = checkpoint["best_epoch"], float(checkpoint["wall_time"])
+        if master:
+            # Keep the lines of the epochs the checkpoint holds (a stop between two writes may have left one more);
+            # a torn or corrupt line is dropped, with a word.
+            metrics = read_metrics(out / "metrics.jsonl")
+            kept_lines = [line for line, rec in zip(metrics.lines, metrics.records) if rec["epoch"] <= start_epoch]
+            if metrics.dropped and not quiet:
+                print(f"maskprune: warning: {out / 'metrics.jsonl'}: dropped {metrics.dropped} unreadable line(s)",
+                      file=sys.stderr, flush=True)
 
     # -- every check has passed: now the run folder is written (by rank 0 only)
     if master:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError("out", f"{out} cannot be created: {err.strerror}") from None
         if overwrite and checkpoint is None:
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
         (out / "config.toml").write_text(dump_config(cfg))
-        metrics_path = out / "metrics.jsonl"
-        # Keep the lines of the epochs the checkpoint holds (a stop between two writes may have left one more).
-        old_lines = metrics_path.read_text().splitlines() if checkpoint is not None and metrics_path.is_file() else []
-        kept_lines = [line for line in old_lines if json.loads(line)["epoch"] <= start_epoch]
-        metrics_path.write_text("".join(line + "\n" for line in kept_lines))
+        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept_lines))
         if not quiet:
             kept, total = weight_counts(model)
             print(f"{cfg.mode} {cfg.model} on {cfg.dataset}: {len(train_x)} train / {len(splits.val_y)} val / "
                   f"{len(splits.test_y)} test, {kept:,} of {total:,} weights kept, {device}"
                   f"{f' x{world}' if distributed else ''}, epochs {start_epoch + 1}..{cfg.epochs}", flush=True)
 
-    # -- epochs
-    show_bar = master and not quiet and sys.stderr.isatty()
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        # The epoch's order depends only on (seed, epoch): a resumed run sees the same batches.
-        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        order = torch.randperm(len(train_x), generator=generator).to(device)
-        # Running sums stay on the device: no host sync per step.
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        seen = 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show_bar,
-                   leave=False, dynamic_ncols=True)
-        for step in bar:
-            batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            idx = batch.tensor_split(world)[rank] if distributed else batch
-            xb, yb = train_x[idx], train_y[idx]
-            with autocast():
-                logits = net(xb)
-            # Sum over this rank's share, divided by the whole batch: DDP's gradient mean over ranks then
-            # equals the gradient of the batch mean, even when the shares differ in size.
-            loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing, reduction="sum") \
-                * (world / len(batch))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach() * (len(batch) / world)
-            correct += (logits.argmax(1) == yb).sum()
-            seen += len(yb)
-            if show_bar and step % 20 == 0:
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
-        bar.close()
-        totals = torch.stack([loss_sum, correct.double(), loss_sum.new_tensor(seen)])
-        if distributed:
-            dist.all_reduce(totals)
-        train_loss, train_acc = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
-        train_seconds = time.perf_counter() - t0  # after .item(): the device has finished the epoch
-        val_loss, val_acc = evaluate(model, splits.val_x, splits.val_y, 1024, autocast)
-        seconds = time.perf_counter() - t0
-        wall += seconds
-        record = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-                  "val_acc": val_acc, "lr": lr, "seconds": seconds, "train_seconds": train_seconds,
-                  "kept_fraction": kept_fraction(model)}
-        improved = val_acc > best_val
-        if improved:
-            best_val, best_epoch = val_acc, epoch + 1
-        if master:  # metrics, best, last: a run stopped between two writes resumes to the same files
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+    # -- epochs, then the final test; Ctrl-C from here on says where the run stopped and how to continue
+    saved = start_epoch  # epochs that RUN/last.pt holds
+    epoch = start_epoch
+    try:
+        show_bar = master and not quiet and sys.stderr.isatty()
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            # The epoch's order depends only on (seed, epoch): a resumed run sees the same batches.
+            generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            order = torch.randperm(len(train_x), generator=generator).to(device)
+            # Running sums stay on the device: no host sync per step.
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            seen = 0
+            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show_bar,
+                       leave=False, dynamic_ncols=True)
+            for step in bar:
+                batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                idx = batch.tensor_split(world)[rank] if distributed else batch
+                xb, yb = train_x[idx], train_y[idx]
+                with autocast():
+                    logits = net(xb)
+                # Sum over this rank's share, divided by the whole batch: DDP's gradient mean over ranks then
+                # equals the gradient of the batch mean, even when the shares differ in size.
+                loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing, reduction="sum") \
+                    * (world / len(batch))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                loss_sum += loss.detach() * (len(batch) / world)
+                correct += (logits.argmax(1) == yb).sum()
+                seen += len(yb)
+                if show_bar and step % 20 == 0:
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
+            bar.close()
+            totals = torch.stack([loss_sum, correct.double(), loss_sum.new_tensor(seen)])
+            if distributed:
+                dist.all_reduce(totals)
+            train_loss, train_acc = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
+            train_seconds = time.perf_counter() - t0  # after .item(): the device has finished the epoch
+            val_loss, val_acc = evaluate(model, splits.val_x, splits.val_y, 1024, autocast)
+            seconds = time.perf_counter() - t0
+            wall += seconds
+            record = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+                      "val_acc": val_acc, "lr": lr, "seconds": seconds, "train_seconds": train_seconds,
+                      "kept_fraction": kept_fraction(model)}
+            improved = val_acc > best_val
             if improved:
-                save_atomic({"model": model.state_dict(), "epoch": epoch, "val_acc": val_acc,
-                             "config": dataclasses.asdict(cfg)}, out / "best.pt")
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "epoch": epoch, "best_val_acc": best_val,
-                         "best_epoch": best_epoch, "wall_time": wall, "config": dataclasses.asdict(cfg)},
-                        out / "last.pt")
-            if not quiet:
-                print(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-                      f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.4g}  {seconds:.1f}s", flush=True)
+                best_val, best_epoch = val_acc, epoch + 1
+            if master:  # metrics, best, last: a run stopped between two writes resumes to the same files
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if improved:
+                    save_atomic({"model": model.state_dict(), "epoch": epoch, "val_acc": val_acc,
+                                 "config": dataclasses.asdict(cfg)}, out / "best.pt")
+                save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "epoch": epoch, "best_val_acc": best_val,
+                             "best_epoch": best_epoch, "wall_time": wall, "config": dataclasses.asdict(cfg)},
+                            out / "last.pt")
+                saved = epoch + 1
+                if not quiet:
+                    print(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
+                          f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.4g}  {seconds:.1f}s", flush=True)
 
-    # -- final test: the last model, then the best-validation one
-    _, test_last = evaluate(model, splits.test_x, splits.test_y, 1024, autocast)
-    if distributed:
-        dist.barrier()  # rank 0 has written best.pt
-    model.load_state_dict(torch.load(out / "best.pt", map_location=device, weights_only=False)["model"])
-    _, test_best = evaluate(model, splits.test_x, splits.test_y, 1024, autocast)
+        # -- final test: the last model, then the best-validation one
+        epoch = cfg.epochs  # (reported as "during the final test" if Ctrl-C comes now)
+        _, test_last = evaluate(model, splits.test_x, splits.test_y, 1024, autocast)
+        if distributed:
+            dist.barrier()  # rank 0 has written best.pt
+        load_model_state(model, _read_checkpoint(out / "best.pt", kind="best", map_location=device), out / "best.pt")
+        _, test_best = evaluate(model, splits.test_x, splits.test_y, 1024, autocast)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(out, epoch + 1, cfg.epochs, saved) from None
     kept, total = weight_counts(model)
     summary = {
         "test_acc_last": test_last, "test_acc_best": test_best, "best_val_acc": best_val,
