@@ -1,7 +1,9 @@
 """Masked layers, their initialisers, and conversion of any nn.Module."""
-from .convert import convert, mask_stats, masked_layers, to_dense
+from .convert import ConvertSummary, MaskedTensor, convert, mask_stats, masked_layers, masked_tensors, to_dense
 from .init import SCORE_INITS, WEIGHT_INITS, init_scores, init_weight
 from .layers import MaskedConv2d, MaskedLayer, MaskedLinear
+from .parametrize import WeightMask
 
-__all__ = ["MaskedLinear", "MaskedConv2d", "MaskedLayer", "convert", "mask_stats", "masked_layers", "to_dense",
-           "init_weight", "init_scores", "WEIGHT_INITS", "SCORE_INITS"]
+__all__ = ["MaskedLinear", "MaskedConv2d", "MaskedLayer", "WeightMask", "convert", "mask_stats", "masked_layers",
+           "masked_tensors", "to_dense", "ConvertSummary", "MaskedTensor", "init_weight", "init_scores",
+           "WEIGHT_INITS", "SCORE_INITS"]

@@ -35,9 +35,15 @@ def init_weight(weight: torch.Tensor, kind: str, *, density: float = 1.0, scale_
 
 @torch.no_grad()
 def init_scores(scores: torch.Tensor, kind: str) -> None:
-    """Fills the scores in place; edge-popup's default is kaiming_uniform(a=√5)."""
+    """Fills the scores in place; edge-popup's default is kaiming_uniform(a=√5).
+
+    Scores of fewer than 2 dimensions (a norm's gain, when convert is asked to mask it) have no fan-in:
+    the Kaiming inits then treat them as one row, fan-in = their number of elements.
+    """
     if kind not in SCORE_INITS:
         raise ValueError(f"score_init must be one of {SCORE_INITS}, got {kind!r}")
+    if scores.dim() < 2:
+        scores = scores.view(1, -1)
     if kind == "kaiming_uniform":
         nn.init.kaiming_uniform_(scores, a=math.sqrt(5))
     elif kind == "kaiming_normal":

@@ -1,4 +1,8 @@
-"""MaskedLinear and MaskedConv2d: a frozen random weight, float32 scores, and a top-k mask over them."""
+"""MaskedLinear and MaskedConv2d: a frozen random weight, float32 scores, and a top-k mask over them.
+
+The fused masked layers convert() swaps in for nn.Linear / nn.Conv2d; every other weight is masked by the
+WeightMask parametrization (parametrize.py), which shares MaskedLayer's settings, scores and mask policy.
+"""
 from __future__ import annotations
 
 import torch
@@ -16,30 +20,46 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+def check_masking_args(*, density: float, weight_init: str | None, score_init: str, backend: str) -> float:
+    """Validates the settings every masked tensor shares; returns the density as a float."""
+    density = ops.check_density(density)
+    if weight_init is not None and weight_init not in WEIGHT_INITS:
+        raise ValueError(f"weight_init must be one of {WEIGHT_INITS} (or None to keep the weights), "
+                         f"got {weight_init!r}")
+    if score_init not in SCORE_INITS:
+        raise ValueError(f"score_init must be one of {SCORE_INITS}, got {score_init!r}")
+    ops.check_backend_name(backend)
+    return density
+
+
 class MaskedLayer:
-    """What MaskedLinear and MaskedConv2d share: settings, scores, threshold, mask."""
+    """What every masked tensor's owner shares (MaskedLinear, MaskedConv2d and the WeightMask
+    parametrization): settings, float32 scores, the mask policy that gives the threshold, the mask."""
 
     weight: nn.Parameter
     scores: nn.Parameter
 
-    def _setup_masking(self, *, density: float, weight_init: str | None, score_init: str, scale_fan: bool,
-                       abs_scores: bool, backend: str) -> None:
+    def _init_mask_state(self, shape: tuple, device, *, density: float, score_init: str, abs_scores: bool,
+                         backend: str) -> None:
+        """Settings, the layer-wise policy and fresh float32 scores of `shape` (arguments already checked)."""
         self.density = ops.check_density(density)
-        if weight_init is not None and weight_init not in WEIGHT_INITS:
-            raise ValueError(f"weight_init must be one of {WEIGHT_INITS} (or None to keep the weights), "
-                             f"got {weight_init!r}")
-        if score_init not in SCORE_INITS:
-            raise ValueError(f"score_init must be one of {SCORE_INITS}, got {score_init!r}")
-        ops.check_backend_name(backend)
         self.abs_scores = bool(abs_scores)
         self.backend = backend
-        self.weight_init, self.score_init, self.scale_fan = weight_init, score_init, bool(scale_fan)
+        self.score_init = score_init
         self.mask_policy: masks.MaskPolicy = masks.LAYERWISE
+        self.scores = nn.Parameter(torch.empty(shape, dtype=torch.float32, device=device))
+        init_scores(self.scores, score_init)
+
+    def _setup_masking(self, *, density: float, weight_init: str | None, score_init: str, scale_fan: bool,
+                       abs_scores: bool, backend: str) -> None:
+        density = check_masking_args(density=density, weight_init=weight_init, score_init=score_init,
+                                     backend=backend)
+        self.weight_init, self.scale_fan = weight_init, bool(scale_fan)
         self.weight.requires_grad_(False)
         if weight_init is not None:
-            init_weight(self.weight, weight_init, density=self.density, scale_fan=scale_fan)
-        self.scores = nn.Parameter(torch.empty(self.weight.shape, dtype=torch.float32, device=self.weight.device))
-        init_scores(self.scores, score_init)
+            init_weight(self.weight, weight_init, density=density, scale_fan=scale_fan)
+        self._init_mask_state(tuple(self.weight.shape), self.weight.device, density=density,
+                              score_init=score_init, abs_scores=abs_scores, backend=backend)
 
     def threshold(self) -> torch.Tensor:
         """The current threshold t (cached until the scores change)."""
@@ -63,7 +83,14 @@ class MaskedLayer:
 
 
 class MaskedLinear(nn.Linear, MaskedLayer):
-    """Y = X (W ⊙ M)^T (+ b): W frozen, only the scores (float32) learn which weights to keep."""
+    """Y = X (W ⊙ M)^T (+ b): W frozen, only the scores (float32) learn which weights to keep.
+
+    Defaults: weight_init="signed_constant" (a layer made from scratch has no weights worth keeping, and
+    edge-popup found signed constants best) with scale_fan=False (std = gain/sqrt(fan_in), the plain
+    Kaiming scale; scale_fan=True uses fan_in * density, as edge-popup and the CLI do). convert() instead
+    keeps a model's current weights (weight_init=None); `maskprune train` uses signed_constant with
+    scale_fan=True. bias=False by default: edge-popup's layers have none.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, density: float = 0.5,
                  weight_init: str | None = "signed_constant", score_init: str = "kaiming_uniform",
@@ -89,7 +116,10 @@ class MaskedLinear(nn.Linear, MaskedLayer):
 
 
 class MaskedConv2d(nn.Conv2d, MaskedLayer):
-    """conv2d with the effective weight W ⊙ M from one fused mask pass; the convolution stays in cuDNN/ATen."""
+    """conv2d with the effective weight W ⊙ M from one fused mask pass; the convolution stays in cuDNN/ATen.
+
+    Same defaults as MaskedLinear: weight_init="signed_constant", scale_fan=False, bias=False.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = False, padding_mode: str = "zeros", *, density: float = 0.5,
