@@ -1,6 +1,7 @@
 """Shared pieces of the Triton kernels: interpreter detection, input checks, and the mask/sign helpers."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -59,6 +60,43 @@ def check_devices(**tensors) -> torch.device:
         raise ValueError(f"Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
                          f"got tensors on {device}")
     return device
+
+
+def device_guard(device: torch.device):
+    """The context every kernel launch runs in: Triton launches on the *current* CUDA device and its
+    current stream, so tensors on cuda:1 while cuda:0 is current would get device-1 pointers used on
+    GPU 0, unordered against device 1's stream. Entering torch.cuda.device(device) makes the tensors'
+    device current (and its current stream the one Triton picks) for the launch. A no-op for CPU tensors
+    (the interpreter)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+# Shared memory one block may use (the opt-in maximum), per compute capability: what the autotune
+# pruning compares a config's estimate with when the device cannot be asked (ahead-of-time checks).
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+_DEVICE_SMEM: dict = {}
+
+
+def shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory one block may use on `device` (opt-in maximum); cached per device."""
+    if device.type != "cuda":
+        return SHARED_MEMORY_LIMIT[90]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_SMEM:
+        props = torch.cuda.get_device_properties(index)
+        limit = getattr(props, "shared_memory_per_block_optin", 0)
+        if not limit:
+            limit = SHARED_MEMORY_LIMIT.get(props.major * 10 + props.minor, 101376)
+        _DEVICE_SMEM[index] = int(limit)
+    return _DEVICE_SMEM[index]
+
+
+def bucket(n: int) -> int:
+    """n rounded up to a power of two (at least 16): the autotune key of a GEMM's batch dimension, so that
+    every new batch size does not re-run the autotuning (9 configs x 3 kernels) on its first call."""
+    return max(16, triton.next_power_of_2(max(int(n), 1)))
 
 
 @triton.jit

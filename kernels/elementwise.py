@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ._utils import (FLOAT_DTYPES, INTERPRET, SCORE_DTYPES, check_devices, check_tensor, check_threshold,
-                     dtype_names, keep_mask, sign_of)
+                     device_guard, dtype_names, keep_mask, sign_of)
 
 BLOCK = 1024
 
@@ -58,7 +58,7 @@ def apply_mask(weight: torch.Tensor, scores: torch.Tensor, t: torch.Tensor, abs_
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype is {out_dtype}; accepted: None or one of "
                         f"{dtype_names(FLOAT_DTYPES)}")
-    check_devices(weight=weight, scores=scores, t=t)
+    device = check_devices(weight=weight, scores=scores, t=t)
 
     weight, scores = weight.contiguous(), scores.contiguous()
     out = torch.empty(weight.shape, dtype=out_dtype, device=weight.device)
@@ -66,8 +66,9 @@ def apply_mask(weight: torch.Tensor, scores: torch.Tensor, t: torch.Tensor, abs_
     if n == 0:
         return out
     grid = lambda META: (triton.cdiv(n, META["BLOCK"]),)  # noqa: E731
-    _apply_mask_kernel[grid](weight, scores, t, out, n, ABS_SCORES=bool(abs_scores), BLOCK=BLOCK,
-                             num_warps=1 if INTERPRET else 4)
+    with device_guard(device):
+        _apply_mask_kernel[grid](weight, scores, t, out, n, ABS_SCORES=bool(abs_scores), BLOCK=BLOCK,
+                                 num_warps=1 if INTERPRET else 4)
     return out
 
 
@@ -80,7 +81,7 @@ def score_grad(grad_weight: torch.Tensor, weight: torch.Tensor, scores: torch.Te
     if scores.shape != weight.shape or grad_weight.shape != weight.shape:
         raise ValueError(f"grad_weight, weight and scores must have one shape, got {tuple(grad_weight.shape)}, "
                          f"{tuple(weight.shape)} and {tuple(scores.shape)}")
-    check_devices(grad_weight=grad_weight, weight=weight, scores=scores)
+    device = check_devices(grad_weight=grad_weight, weight=weight, scores=scores)
 
     grad_weight, weight, scores = grad_weight.contiguous(), weight.contiguous(), scores.contiguous()
     grad_scores = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
@@ -89,7 +90,8 @@ def score_grad(grad_weight: torch.Tensor, weight: torch.Tensor, scores: torch.Te
         return grad_scores
     fp64 = torch.float64 in (grad_weight.dtype, weight.dtype, scores.dtype)
     grid = lambda META: (triton.cdiv(n, META["BLOCK"]),)  # noqa: E731
-    _score_grad_kernel[grid](grad_weight, weight, scores, grad_scores, n, ABS_SCORES=bool(abs_scores),
-                             COMPUTE_DTYPE=tl.float64 if fp64 else tl.float32, BLOCK=BLOCK,
-                             num_warps=1 if INTERPRET else 4)
+    with device_guard(device):
+        _score_grad_kernel[grid](grad_weight, weight, scores, grad_scores, n, ABS_SCORES=bool(abs_scores),
+                                 COMPUTE_DTYPE=tl.float64 if fp64 else tl.float32, BLOCK=BLOCK,
+                                 num_warps=1 if INTERPRET else 4)
     return grad_scores

@@ -76,6 +76,28 @@ def test_special_values(dtype, abs_scores, device):
         assert t == nth_largest(scores, n_keep, abs_scores)
 
 
+@pytest.mark.parametrize("abs_scores", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -math.nan], ids=["nan", "inf", "-inf", "-nan"])
+def test_nan_if_nonfinite(bad, dtype, abs_scores, device):
+    """With nan_if_nonfinite a NaN or ±inf anywhere (any tensor of a global threshold) gives t = NaN, so the
+    caller can check finiteness on the device; without it, infinities order as floats do."""
+    scores = distinct_scores(3000, dtype, device)
+    other = distinct_scores(50, dtype, device)
+    assert torch.isfinite(threshold(scores, 100, abs_scores, nan_if_nonfinite=True))
+    assert torch.isfinite(global_threshold([scores, other], 100, abs_scores, nan_if_nonfinite=True))
+    for where in (0, 2999):
+        broken = scores.clone()
+        broken[where] = bad
+        for n_keep in (1, 3000):
+            assert torch.isnan(threshold(broken, n_keep, abs_scores, nan_if_nonfinite=True))
+        assert torch.isnan(global_threshold([other, broken], 100, abs_scores, nan_if_nonfinite=True))
+    if not math.isnan(bad):
+        broken = scores.clone()
+        broken[5] = bad
+        assert threshold(broken, 100, abs_scores) == nth_largest(broken, 100, abs_scores)
+
+
 def test_negative_scores_raw_keys(device):
     scores = -distinct_scores(1000, torch.float32, device).abs()
     t = threshold(scores, 10, abs_scores=False)
