@@ -182,6 +182,7 @@ def test_converted_model_is_the_masked_network(case):
     assert not masked_tensors(dense) and not hasattr(dense, "maskprune_summary")
     assert not any(parametrize.is_parametrized(m) for m in dense.modules())
     assert not any(isinstance(m, (MaskedLinear, MaskedConv2d, WeightMask)) for m in dense.modules())
+    assert not any(p.requires_grad for p in dense.parameters())
     with torch.no_grad():
         dense.eval()
         torch.testing.assert_close(_run(dense, x), y_eval, rtol=1e-5, atol=1e-5)

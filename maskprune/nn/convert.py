@@ -371,6 +371,8 @@ def to_dense(model: nn.Module) -> nn.Module:
 
     Fused layers become nn.Linear / nn.Conv2d; each parametrized tensor becomes a plain parameter
     holding its masked value (the model's other parametrizations of that tensor, if any, are folded in too).
+    Every parameter stays frozen, as in the converted model (call .requires_grad_() to fine-tune the copy).
+    For inference this copy is also the fast one: it runs no mask op at all.
     """
     dense = copy.deepcopy(model)
     unhooked = set()
@@ -398,6 +400,7 @@ def to_dense(model: nn.Module) -> nn.Module:
         if layer.bias is not None:
             plain.bias.copy_(layer.bias)
         plain.train(layer.training)
+        plain.requires_grad_(False)
         parent_name, _, child = name.rpartition(".")
         parent = dense.get_submodule(parent_name) if parent_name else dense
         setattr(parent, child, plain)
