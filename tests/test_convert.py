@@ -284,6 +284,7 @@ def test_mha_output_depends_on_scores():
     assert model(x).requires_grad
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
 def test_transformer_encoder_with_padding_mask_nested_fast_path():
     """TransformerEncoder's nested-tensor path (eval, a key padding mask): the unpadded positions are the
     masked network's (PyTorch zeroes the padded ones on that path, as it does for a dense model)."""
@@ -427,3 +428,24 @@ def test_converting_twice_raises_and_names_the_masked_tensors():
     dense = to_dense(model)
     convert(dense, 0.5)  # a plain copy converts again
     assert len(masked_tensors(dense)) == 4
+
+
+@pytest.mark.parametrize("make,x", [
+    (lambda: nn.MultiheadAttention(8, 2), torch.randn(5, 2, 8)),
+    (lambda: _encoder_layer(True), torch.randn(2, 5, 8)),
+    (lambda: nn.Linear(8, 3), torch.randn(2, 8)),
+], ids=["mha", "encoder_layer", "linear"])
+def test_root_module_is_converted_in_place(make, x):
+    """Issue 15's own example: convert(nn.MultiheadAttention(...)) itself, not a model around it."""
+    torch.manual_seed(0)
+    model = make()
+    assert convert(model, 0.5) is model
+    run = (lambda m: m(x, x, x)[0]) if isinstance(model, nn.MultiheadAttention) else (lambda m: m(x))
+    y = run(model)
+    assert y.requires_grad
+    y.square().sum().backward()
+    assert all(float(t.masker.scores.grad.abs().sum()) > 0 for t in masked_tensors(model))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(run(model), y.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(run(to_dense(model).eval()), y.detach(), rtol=1e-5, atol=1e-5)
