@@ -449,3 +449,12 @@ def test_root_module_is_converted_in_place(make, x):
     with torch.no_grad():
         torch.testing.assert_close(run(model), y.detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(run(to_dense(model).eval()), y.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_module_used_twice_is_left_and_reported():
+    shared = nn.Linear(4, 4)
+    model = convert(nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(4, 2)), 0.5)
+    left = {name: reason for name, _, reason in model.maskprune_summary.left}
+    assert left["0.weight"].startswith("tied") and "2.weight" in left["0.weight"]
+    assert [name for name, _, _ in model.maskprune_summary.masked] == ["3.weight"]
+    assert model[0] is model[2] and type(model[0]) is nn.Linear

@@ -238,7 +238,7 @@ def convert(model: nn.Module, density: float, *, policy: str = "layerwise", weig
         raise ValueError(f"model is already converted: it holds masked tensors ({shown}); convert a model once "
                          f"(maskprune.to_dense(model) gives a plain copy to convert again)")
 
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     params = list(model.named_parameters(remove_duplicate=False))
     module_names, param_names = set(modules), {n for n, _ in params}
     types = {type(m) for m in modules.values()}
