@@ -285,7 +285,7 @@ def test_mha_output_depends_on_scores():
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
-def test_transformer_encoder_with_padding_mask_nested_fast_path():
+def test_transformer_encoder_with_padding_mask_nested_fast_path(monkeypatch):
     """TransformerEncoder's nested-tensor path (eval, a key padding mask): the unpadded positions are the
     masked network's (PyTorch zeroes the padded ones on that path, as it does for a dense model)."""
     torch.manual_seed(0)
@@ -294,9 +294,14 @@ def test_transformer_encoder_with_padding_mask_nested_fast_path():
     x = _seq(True, n=2, length=5)
     pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
     y_train = model(x, src_key_padding_mask=pad).detach()
+    calls = []
+    real = torch._nested_tensor_from_mask
+    monkeypatch.setattr(torch, "_nested_tensor_from_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
     model.eval()
     with torch.no_grad():
         y_eval = model(x, src_key_padding_mask=pad)
+    assert calls, "the nested-tensor path did not run: this test no longer covers it"
+    with torch.no_grad():
         y_dense = to_dense(model).eval()(x, src_key_padding_mask=pad)
     keep = ~pad
     torch.testing.assert_close(y_eval[keep], y_train[keep], rtol=1e-5, atol=1e-5)
