@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from typing import Iterable, NamedTuple
+from typing import Iterable, NamedTuple, Union
 
 import torch
 import torch.nn as nn
@@ -40,7 +40,7 @@ _NORM_TYPES: tuple[type, ...] = tuple(t for t in (
     getattr(nn.modules.batchnorm, "_NormBase", None), nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None),
     nn.LocalResponseNorm) if t is not None)
 
-Entry = "str | type[nn.Module]"
+Entry = Union[str, type]  # a module or parameter name, or an nn.Module subclass
 
 
 class MaskedTensor(NamedTuple):
