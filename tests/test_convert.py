@@ -57,6 +57,15 @@ class Decoder(nn.Module):
         return self.layer(tgt, memory)
 
 
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 6, num_layers=2, batch_first=True)
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
 class TinyViT(nn.Module):
     """Patch embedding (Conv2d) + class token + positional embedding + TransformerEncoder + head."""
 
@@ -110,6 +119,7 @@ CASES = {
                             lambda: _seq(True)),
     "decoder_layer": (Decoder, lambda: (_seq(True, length=4), _seq(True))),
     "vit": (TinyViT, lambda: torch.randn(2, 3, 8, 8)),
+    "lstm": (Recurrent, lambda: torch.randn(2, 5, 4)),
 }
 
 

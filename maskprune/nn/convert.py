@@ -374,7 +374,11 @@ def to_dense(model: nn.Module) -> nn.Module:
     Every parameter stays frozen, as in the converted model (call .requires_grad_() to fine-tune the copy).
     For inference this copy is also the fast one: it runs no mask op at all.
     """
-    dense = copy.deepcopy(model)
+    # An RNN caches the weights of its last forward in _flat_weights: with a parametrized weight these are
+    # non-leaf tensors, which deepcopy refuses. They are rebuilt below, so the copy starts without them.
+    memo = {id(t): None for m in model.modules() for t in (getattr(m, "_flat_weights", None) or ())
+            if isinstance(t, torch.Tensor) and not t.is_leaf}
+    dense = copy.deepcopy(model, memo)
     unhooked = set()
     for t in masked_tensors(dense):
         if isinstance(t.masker, (MaskedLinear, MaskedConv2d)):
@@ -387,6 +391,9 @@ def to_dense(model: nn.Module) -> nn.Module:
             t.module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
             unhooked.add(id(t.module))
         parametrize.remove_parametrizations(t.module, t.attr, leave_parametrized=True)
+    for m in dense.modules():
+        if isinstance(m, nn.RNNBase) and hasattr(m, "_init_flat_weights"):
+            m._init_flat_weights()  # point the RNN's weight cache at its now plain weights
     for name, layer in masked_layers(dense):
         if isinstance(layer, MaskedLinear):
             plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
