@@ -58,6 +58,40 @@ def _check_finite(scores: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be finite, found NaN or inf")
 
 
+def _nonfinite_message(name: str) -> str:
+    return f"{name} must be finite, found NaN or inf"
+
+
+def _check_finite_on_device(value: torch.Tensor, name: str) -> None:
+    """The finiteness check of a GPU op without a device-to-host sync: torch._assert_async on the device.
+
+    `value` is the threshold of a backend whose selection returns NaN when a score is NaN or inf (one
+    0-d tensor, no extra pass), else the scores themselves (one reduction, still no sync). A failure
+    raises RuntimeError at the next synchronisation, with the message of the CPU check.
+    """
+    ok = torch.isfinite(value) if value.dim() == 0 else torch.isfinite(value).all()
+    torch._assert_async(ok, _nonfinite_message(name))
+
+
+def _finite_threshold(impl, t: torch.Tensor, scores_list, names) -> torch.Tensor:
+    """t, checked on the device (no host sync) when the scores live off the CPU; CPU scores were checked before."""
+    if scores_list[0].device.type != "cpu":
+        if impl.nan_threshold_if_nonfinite:
+            _check_finite_on_device(t, names[0] if len(names) == 1 else "scores")
+        else:
+            for scores, name in zip(scores_list, names):
+                _check_finite_on_device(scores, name)
+    return t
+
+
+def _check_finite_before(impl, scores_list, names) -> None:
+    """The host-side check, for CPU scores only (there it costs a pass and no sync); kernels that check
+    themselves (the C++ CPU ones) skip it. GPU scores are checked by _finite_threshold instead."""
+    if scores_list[0].device.type == "cpu" and not impl.checks_finite:
+        for scores, name in zip(scores_list, names):
+            _check_finite(scores, name)
+
+
 def _check_scores(scores, name: str = "scores") -> torch.Tensor:
     _check_tensor(scores, name, SCORE_DTYPES)
     if scores.numel() == 0:
@@ -114,7 +148,9 @@ class Backend:
     global_threshold: Callable[[list, float, bool, torch.Tensor | None], torch.Tensor]
     apply_mask: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
     masked_linear: Callable[..., torch.Tensor]
-    checks_finite: bool = False  # True where the kernel itself rejects NaN/inf scores on that device
+    checks_finite: bool = False  # True where the kernel itself rejects NaN/inf scores on CPU
+    # True where the threshold is NaN when a score is NaN/inf (on GPUs): then t alone is checked, on the device
+    nan_threshold_if_nonfinite: bool = False
     # (x, weight, scores, density, bias, abs, hint) -> (Y, t) in one call; None: threshold, then masked_linear
     masked_linear_topk: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -330,6 +366,7 @@ if HAS_CPP:
         apply_mask=lambda w, s, t, a: torch.ops.maskprune.apply_mask(w, s, t, a),
         masked_linear=lambda x, w, s, t, b, a: torch.ops.maskprune.masked_linear(x, w, s, t, b, a),
         checks_finite=True,
+        nan_threshold_if_nonfinite=True,  # csrc/cuda/mask_ops.cu counts non-finite scores in the first pass
         masked_linear_topk=lambda x, w, s, d, b, a, hint: torch.ops.maskprune.masked_linear_topk(x, w, s, d, b, a,
                                                                                                   hint),
     ))
@@ -374,9 +411,9 @@ def threshold(scores: torch.Tensor, density: float, *, abs_scores: bool = True,
     density = check_density(density)
     hint = _check_hint(hint)
     impl = resolve_backend(backend, scores.device)
-    if not (impl.checks_finite and scores.device.type == "cpu"):
-        _check_finite(scores, "scores")
-    return impl.threshold(scores.detach(), density, bool(abs_scores), hint)
+    _check_finite_before(impl, [scores], ["scores"])
+    return _finite_threshold(impl, impl.threshold(scores.detach(), density, bool(abs_scores), hint), [scores],
+                             ["scores"])
 
 
 def global_threshold(scores_list: Sequence[torch.Tensor], density: float, *, abs_scores: bool = True,
@@ -396,10 +433,10 @@ def global_threshold(scores_list: Sequence[torch.Tensor], density: float, *, abs
     density = check_density(density)
     hint = _check_hint(hint)
     impl = resolve_backend(backend, scores_list[0].device)
-    if not (impl.checks_finite and scores_list[0].device.type == "cpu"):
-        for i, scores in enumerate(scores_list):
-            _check_finite(scores, f"scores_list[{i}]")
-    return impl.global_threshold([s.detach() for s in scores_list], density, bool(abs_scores), hint)
+    names = [f"scores_list[{i}]" for i in range(len(scores_list))]
+    _check_finite_before(impl, scores_list, names)
+    t = impl.global_threshold([s.detach() for s in scores_list], density, bool(abs_scores), hint)
+    return _finite_threshold(impl, t, scores_list, names)
 
 
 def apply_mask(weight: torch.Tensor, scores: torch.Tensor, t: torch.Tensor, *, abs_scores: bool = True,
@@ -437,9 +474,10 @@ def masked_linear_topk(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tens
     density = check_density(density)
     hint = _check_hint(hint)
     impl = resolve_backend(backend, x.device)
-    if not (impl.checks_finite and scores.device.type == "cpu"):
-        _check_finite(scores, "scores")
+    _check_finite_before(impl, [scores], ["scores"])
     if impl.masked_linear_topk is not None:
-        return impl.masked_linear_topk(x, weight, scores, density, bias, bool(abs_scores), hint)
-    t = impl.threshold(scores.detach(), density, bool(abs_scores), hint)
+        y, t = impl.masked_linear_topk(x, weight, scores, density, bias, bool(abs_scores), hint)
+        return y, _finite_threshold(impl, t, [scores], ["scores"])
+    t = _finite_threshold(impl, impl.threshold(scores.detach(), density, bool(abs_scores), hint), [scores],
+                          ["scores"])
     return impl.masked_linear(x, weight, scores, t, bias, bool(abs_scores)), t

@@ -398,6 +398,8 @@ def test_threshold_hint_never_changes_the_result(device, backend, dtype, abs_sco
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 def test_threshold_hint_with_nonfinite_scores_still_raises(device, backend, bad):
+    if device != "cpu":
+        pytest.skip("GPU scores are checked on the device: test_nonfinite_scores_checked_on_device_without_sync")
     s = torch.randn(300, 101, device=device)
     t = maskprune.threshold(s, 0.5, backend=backend)
     s[7, 7] = bad
@@ -1056,6 +1058,8 @@ def test_masked_linear_topk_bad_input_raises(device, backend):
         topk(x, w, s.to(torch.int64), 0.5)
     with pytest.raises(ValueError, match="hint must be None or a 0-d"):
         topk(x, w, s, 0.5, hint=torch.zeros(2, **kw))
+    if device != "cpu":
+        return  # non-finite GPU scores: test_nonfinite_scores_checked_on_device_without_sync
     bad = s.clone()
     bad[1, 1] = float("nan")
     for hint in [None, torch.tensor(0.5, **kw)]:
@@ -1189,6 +1193,8 @@ def test_bad_density_raises(device, backend, density, exc):
 def test_nonfinite_scores_raise(device, backend, bad, dtype, abs_scores, shape):
     if interpreted(device, backend) and shape[0] > 6:
         pytest.skip("too large for the Triton interpreter")
+    if device != "cpu":
+        pytest.skip("GPU scores are checked on the device: test_nonfinite_scores_checked_on_device_without_sync")
     s = torch.randn(shape, dtype=dtype, device=device)
     s[3, 4] = bad
     with pytest.raises(ValueError, match="scores.* finite"):
@@ -1196,6 +1202,52 @@ def test_nonfinite_scores_raise(device, backend, bad, dtype, abs_scores, shape):
     with pytest.raises(ValueError, match="scores.* finite"):
         maskprune.global_threshold([torch.randn(3, dtype=dtype, device=device), s], 0.5, abs_scores=abs_scores,
                                    backend=backend)
+
+
+def test_device_finiteness_check():
+    """The GPU check is torch._assert_async with the CPU check's message (on CPU it raises at once)."""
+    ops._check_finite_on_device(torch.tensor(1.5), "scores")
+    ops._check_finite_on_device(torch.randn(4, 5), "scores")
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match=r"scores must be finite, found NaN or inf"):
+            ops._check_finite_on_device(torch.tensor(bad), "scores")
+        scores = torch.randn(4, 5)
+        scores[1, 2] = bad
+        with pytest.raises(RuntimeError, match=r"scores_list\[1\] must be finite"):
+            ops._check_finite_on_device(scores, "scores_list[1]")
+
+
+_DEVICE_CHECK_SCRIPT = """
+import sys, torch, maskprune
+backend, bad = sys.argv[1], float(sys.argv[2])
+s = torch.randn(300, 200, device="cuda")
+torch.cuda.synchronize()
+torch.cuda.set_sync_debug_mode("error")  # any device-to-host sync raises
+t = maskprune.threshold(s, 0.5, backend=backend)
+t = maskprune.global_threshold([s, s[:3]], 0.5, backend=backend)
+s[7, 9] = bad
+t = maskprune.threshold(s, 0.5, backend=backend)  # no sync, no error yet
+torch.cuda.set_sync_debug_mode(0)
+print("queued", flush=True)
+torch.cuda.synchronize()
+print("not raised")
+"""
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+def test_nonfinite_scores_checked_on_device_without_sync(backend):
+    """On a GPU the threshold ops check finiteness without a host sync (torch._assert_async on NaN t, or on
+    the scores for the reference backend); a NaN then fails the next synchronisation. In a subprocess: a
+    device-side assert leaves the CUDA context unusable."""
+    import subprocess
+    import sys
+    if backend not in ops.available_backends("cuda"):
+        pytest.skip(f"backend {backend} not available on CUDA")
+    run = subprocess.run([sys.executable, "-c", _DEVICE_CHECK_SCRIPT, backend, "nan"], capture_output=True,
+                         text=True, timeout=300)
+    assert "queued" in run.stdout and "not raised" not in run.stdout, run.stdout + run.stderr
+    assert run.returncode != 0
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
