@@ -180,7 +180,7 @@ def test_threshold_non_contiguous_and_misaligned(dtype):
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 def test_threshold_non_finite_gives_nan(dtype, bad):
     # The CPU kernel raises; the CUDA kernel cannot without a host sync, so it flags with t = NaN
-    # (maskprune/ops.py checks finiteness on CUDA before calling it).
+    # (maskprune/ops.py checks that t on the device with torch._assert_async, no host sync).
     scores = make_scores("normal", 1001, dtype).to(CUDA)
     scores[17] = bad
     for abs_scores in (True, False):

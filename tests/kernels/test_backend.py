@@ -132,3 +132,60 @@ def test_compile_fullgraph(abs_scores, device):
     torch.testing.assert_close(y_compiled, y_eager, rtol=TOL[torch.float32], atol=TOL[torch.float32])
     for actual, expected in zip(grads_compiled, grads_eager):
         torch.testing.assert_close(actual, expected, rtol=TOL[torch.float32], atol=TOL[torch.float32])
+
+
+def test_mask_built_once_per_step_and_never_stale(device):
+    """The Triton masked_linear builds W ⊙ M once for forward and dX, reuses it until the scores (or t, or
+    the weight) change, and never serves a stale mask (docs/design.md §3: the mask once per step)."""
+    from maskprune.triton_ops import MASK_CACHE
+    MASK_CACHE.clear()
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(29, 37, generator=g).to(device)
+    scores = torch.randn(29, 37, generator=g).to(device).requires_grad_()
+    x = torch.randn(11, 37, generator=g).to(device).requires_grad_()
+
+    def step():
+        t = maskprune.threshold(scores, 0.3, backend="triton")
+        y = maskprune.masked_linear(x, weight, scores, t, backend="triton")
+        grad_x, grad_scores = torch.autograd.grad(y.square().sum(), (x, scores))
+        y_ref = maskprune.masked_linear(x, weight, scores, t, backend="torch")
+        ref = torch.autograd.grad(y_ref.square().sum(), (x, scores))
+        for got, want in zip((y, grad_x, grad_scores), (y_ref, *ref)):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * max(want.abs().max().item(), 1.0))
+        return t
+
+    before = MASK_CACHE.builds
+    t = step()
+    assert MASK_CACHE.builds == before + 1  # forward and dX share one prepass
+    y = maskprune.masked_linear(x, weight, scores, t, backend="triton")  # same step: cached
+    y.sum().backward()
+    assert MASK_CACHE.builds == before + 1
+    with torch.no_grad():
+        scores.mul_(-1.5).add_(0.1)  # an optimizer step: new version, new threshold
+    step()
+    assert MASK_CACHE.builds == before + 2
+    with torch.no_grad():
+        weight[0, 0] = 100.0  # a weight changed in place is seen too
+    t = maskprune.threshold(scores, 0.3, backend="triton")
+    maskprune.masked_linear(x, weight, scores, t, backend="triton")
+    assert MASK_CACHE.builds == before + 3
+    step()  # a new t tensor of the same value: rebuilt (t is matched by identity, not value)
+    assert MASK_CACHE.builds == before + 4 and len(MASK_CACHE) == 1
+    with torch.inference_mode():  # nothing cached under inference mode
+        maskprune.masked_linear(x, weight, scores.detach(), t, backend="triton")
+    assert MASK_CACHE.builds == before + 5 and len(MASK_CACHE) == 1
+    del scores, step, y  # the mask goes with its scores (y.grad_fn held them)
+    import gc
+    gc.collect()
+    assert len(MASK_CACHE) == 0
+
+
+def test_mask_cache_off(device, monkeypatch):
+    from maskprune.triton_ops import MASK_CACHE
+    monkeypatch.setenv("MASKPRUNE_MASK_CACHE", "0")
+    weight, scores, x = (torch.randn(5, 7).to(device), torch.randn(5, 7).to(device).requires_grad_(),
+                         torch.randn(3, 7).to(device).requires_grad_())
+    t = maskprune.threshold(scores, 0.5, backend="triton")
+    before = MASK_CACHE.builds
+    maskprune.masked_linear(x, weight, scores, t, backend="triton").sum().backward()
+    assert MASK_CACHE.builds == before + 2 and len(MASK_CACHE) == 0
