@@ -29,13 +29,14 @@ import math
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 __all__ = ["RunFileError", "read_checkpoint", "read_toml", "read_run_config", "read_metrics", "Metrics",
-           "load_model_state", "load_training_state", "to_plain", "CHECKPOINT_KINDS"]
+           "check_fits", "load_model_state", "load_training_state", "to_plain", "CHECKPOINT_KINDS"]
 
 CONFIG_MAX_BYTES = 1 << 20     # a run's config.toml is ~600 bytes
 METRICS_MAX_BYTES = 64 << 20   # a 1000-epoch run writes ~300 KB
@@ -67,7 +68,7 @@ class RunFileError(ValueError):
 
 def _short(value: Any) -> str:
     """repr(value) cut to one short line, for messages."""
-    text = repr(value) if not isinstance(value, str) or len(value) <= _SHORT else repr(value[:_SHORT])
+    text = repr(value) if not isinstance(value, str) or len(value) <= _SHORT else repr(value[:_SHORT]) + "..."
     text = text.replace("\n", "\\n")
     return text if len(text) <= _SHORT + 2 else text[:_SHORT] + "..."
 
@@ -106,7 +107,7 @@ def _check_config(path: Path, config: Any) -> None:
         if key not in fields:
             raise RunFileError(path, f"its config holds an unknown setting {_short(key)} (a newer maskprune's "
                                      "checkpoint, or not a maskprune checkpoint)")
-        _check_field(path, key, value, fields[key], where="its config")
+        _check_field(path, key, value, fields[key], where="its config: ")
 
 
 def _check_field(path: Path, key: str, value: Any, expected: type, where: str) -> None:
@@ -116,7 +117,7 @@ def _check_field(path: Path, key: str, value: Any, expected: type, where: str) -
     if key == "widths" and isinstance(value, list):  # TOML may give widths = [1000, 1000]
         ok = len(value) <= 64 and all(isinstance(w, int) and not isinstance(w, bool) for w in value)
     if not ok:
-        raise RunFileError(path, f"{where}: {key!r} must be {_type_name(expected())}, got {_type_name(value)} "
+        raise RunFileError(path, f"{where}{key!r} must be {_type_name(expected())}, got {_type_name(value)} "
                                  f"{_short(value)}")
 
 
@@ -176,7 +177,9 @@ def read_checkpoint(path: str | os.PathLike, kind: str | None = None,
     if not path.is_file():
         raise RunFileError(path, "does not exist" if not path.exists() else "is not a file")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: the error says enough
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         name = _refused_global(err)
         if name is not None:
@@ -186,7 +189,7 @@ def read_checkpoint(path: str | os.PathLike, kind: str | None = None,
         raise RunFileError(path, f"is not a readable checkpoint (torn, corrupt or not a torch file): "
                                  f"{_first_line(err)}") from None
     except OSError as err:
-        raise RunFileError(path, f"cannot be read: {err.strerror or _first_line(err)}") from None
+        raise RunFileError(path, f"cannot be read ({err.strerror or _first_line(err)})") from None
     except Exception as err:  # a torn zip, a flipped byte: torch raises many kinds  # noqa: BLE001
         raise RunFileError(path, f"is not a readable checkpoint (torn, corrupt or not a torch file): "
                                  f"{type(err).__name__}: {_first_line(err)}") from None
@@ -200,11 +203,8 @@ def _first_line(err: BaseException) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-def load_model_state(model: torch.nn.Module, ckpt: dict, path: str | os.PathLike) -> None:
-    """Loads a checked checkpoint's weights into MODEL, after checking every name and shape fits it."""
-    path = Path(path)
-    own = model.state_dict()
-    saved = ckpt["model"]
+def _check_fit(path: Path, own: dict, saved: dict) -> None:
+    """Every tensor name and shape of OWN (the network's state dict, real or on the meta device) is in SAVED."""
     missing = [k for k in own if k not in saved]
     extra = [k for k in saved if k not in own]
     wrong = [f"{k} is {list(saved[k].shape)}, the network's is {list(v.shape)}"
@@ -215,8 +215,30 @@ def load_model_state(model: torch.nn.Module, ckpt: dict, path: str | os.PathLike
             f"lacks {', '.join(missing[:3])}" if missing else "", f"has unknown {', '.join(extra[:3])}" if extra else "",
             wrong[0] if wrong else "", f"{bad_dtype[0]} has the wrong dtype" if bad_dtype else ""]))
         raise RunFileError(path, f"does not fit the network its config describes ({what})")
+
+
+def check_fits(cfg, ckpt: dict, path: str | os.PathLike) -> None:
+    """Checks that CKPT's tensors have the names and shapes of the network CFG describes, building that network
+    on the meta device (no memory): a config asking for a huge network is refused before anything is allocated,
+    since a network that fits the checkpoint is no larger than the file."""
+    from . import data as datasets
+    from .train import ConfigError, build_model
+
+    info = datasets.DATASETS[cfg.dataset]
     try:
-        model.load_state_dict(saved)
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            own = build_model(cfg, info.num_classes, info.in_shape).state_dict()
+    except ConfigError as err:
+        raise RunFileError(path, f"its config describes no network: {err}") from None
+    _check_fit(Path(path), own, ckpt["model"])
+
+
+def load_model_state(model: torch.nn.Module, ckpt: dict, path: str | os.PathLike) -> None:
+    """Loads a checked checkpoint's weights into MODEL, after checking every name and shape fits it."""
+    path = Path(path)
+    _check_fit(path, model.state_dict(), ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
     except (RuntimeError, ValueError) as err:
         raise RunFileError(path, f"does not fit the network its config describes: {_first_line(err)}") from None
 
@@ -316,7 +338,7 @@ def _read_capped(path: Path, limit: int) -> bytes:
         with open(path, "rb") as fh:
             data = fh.read(limit + 1)
     except OSError as err:
-        raise RunFileError(path, f"cannot be read: {err.strerror or _first_line(err)}") from None
+        raise RunFileError(path, f"cannot be read ({err.strerror or _first_line(err)})") from None
     if len(data) > limit:
         raise RunFileError(path, f"is larger than {limit // 1024} KiB, far more than maskprune writes; not read")
     return data
@@ -353,7 +375,7 @@ def read_toml(path: str | os.PathLike) -> dict:
             raise RunFileError(path, f"unknown key {_short(key)}; accepted keys: {', '.join(sorted(fields))}")
         if name in values:
             raise RunFileError(path, f"key {name!r} is given twice (as {name!r} and {name.replace('_', '-')!r})")
-        _check_field(path, name, value, fields[name], where=f"key {name!r}")
+        _check_field(path, name, value, fields[name], where="key ")
         values[name] = value
     return values
 

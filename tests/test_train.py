@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from maskprune import data as datasets
 from maskprune import train as trainer
+from maskprune.runfiles import RunFileError
 from maskprune.train import ConfigError, TrainConfig, load_config_file, train, validate
 
 TINY = dict(model="lenet300", dataset="mnist", epochs=2, batch_size=64, limit_train=512, device="cpu", threads=1)
@@ -132,8 +133,8 @@ def test_mask_run_writes_every_file(tmp_path):
     assert summary["backend"] in ("cpp", "torch") and summary["world_size"] == 1 and summary["device"] == "cpu"
     assert summary["best_val_acc"] == max(r["val_acc"] for r in rows)
     assert 0.3 < summary["test_acc_last"] <= 1 and 0.3 < summary["test_acc_best"] <= 1
-    last = torch.load(run / "last.pt", weights_only=False)
-    best = torch.load(run / "best.pt", weights_only=False)
+    last = torch.load(run / "last.pt", weights_only=True)
+    best = torch.load(run / "best.pt", weights_only=True)
     assert last["epoch"] == 1 and last["config"] == dataclasses.asdict(validate(tiny()))
     assert {"model", "optimizer", "scheduler", "best_val_acc", "best_epoch", "wall_time"} <= set(last)
     assert any(k.endswith("scores") for k in last["model"])
@@ -147,7 +148,7 @@ def test_mask_mode_learns_scores_only(tmp_path):
     torch.manual_seed(cfg.seed)
     before = trainer.build_model(cfg, 10, (1, 28, 28)).state_dict()
     train(cfg, tmp_path / "run", quiet=True)
-    after = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
+    after = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
     assert set(before) == set(after)
     for key in before:
         if key.endswith("scores"):
@@ -161,7 +162,7 @@ def test_dense_mode(tmp_path):
     torch.manual_seed(cfg.seed)
     before = trainer.build_model(cfg, 10, (1, 28, 28)).state_dict()
     summary = train(cfg, tmp_path / "run", quiet=True)
-    after = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
+    after = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
     assert not any(k.endswith("scores") for k in after)
     assert all(not torch.equal(before[k], after[k]) for k in before)  # weights and biases trained
     assert summary["mode"] == "dense" and summary["backend"] == "dense" and summary["density"] == 1.0
@@ -176,7 +177,7 @@ def test_global_policy_keeps_density_overall(tmp_path):
     from maskprune.nn import mask_stats
     cfg = validate(tiny(policy="global", density=0.3))
     model = trainer.build_model(cfg, 10, (1, 28, 28))
-    model.load_state_dict(torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"])
+    model.load_state_dict(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"])
     fractions = [row["fraction"] for row in mask_stats(model)["layers"]]
     assert {row["policy"] for row in mask_stats(model)["layers"]} == {"global"}
     assert max(fractions) - min(fractions) > 1e-3
@@ -228,8 +229,8 @@ def test_resume_after_epoch_k_equals_uninterrupted(tmp_path, monkeypatch, mode):
     for key in ("test_acc_last", "test_acc_best", "best_val_acc", "best_epoch", "kept_weights"):
         assert resumed[key] == whole[key], key
     assert without_times(metrics(tmp_path / "cut")) == without_times(metrics(tmp_path / "whole"))
-    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -258,13 +259,13 @@ def test_resume_errors(tmp_path):
         train(tiny(epochs=1), run, resume=str(tmp_path / "missing.pt"))
     with pytest.raises(ConfigError, match="^--resume: the checkpoint was made with density=0.5"):
         train(tiny(epochs=1, density=0.3), run, resume=str(run / "last.pt"))
-    with pytest.raises(ConfigError, match="^--resume: .*best.pt holds the weights only"):
+    with pytest.raises(RunFileError, match="best.pt: is a best.pt \\(weights only\\): resume from the run's last.pt"):
         train(tiny(epochs=1), run, resume=str(run / "best.pt"))
     with pytest.raises(ConfigError, match="^--out: a resumed run continues in its own folder"):
         train(tiny(epochs=1), tmp_path / "elsewhere", resume=str(run / "last.pt"))
     assert not (tmp_path / "elsewhere").exists()
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="^--resume: cannot read"):
+    with pytest.raises(RunFileError, match="junk.pt: is not a readable checkpoint"):
         train(tiny(epochs=1), tmp_path, resume=str(tmp_path / "junk.pt"))
 
 
@@ -347,8 +348,8 @@ def test_ddp_two_cpu_processes_agree_with_one(tmp_path, monkeypatch):
         assert a["val_acc"] == pytest.approx(b["val_acc"], abs=3e-3)
     assert ddp["test_acc_last"] == pytest.approx(single["test_acc_last"], abs=3e-3)
     assert ddp["kept_weights"] == single["kept_weights"]
-    a = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "one" / "last.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-4, rtol=1e-3), key
 
