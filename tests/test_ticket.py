@@ -382,3 +382,15 @@ def test_ties_and_empty_layers(tmp_path):
         loaded = load_ticket(path)
         assert [int(l.mask().sum()) for _, l in masked_layers(loaded)] == kept
         assert_same_network(model, loaded, (1, 4, 4))
+
+
+def test_sizes_script_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ticket_sizes.py"
+    proc = subprocess.run([sys.executable, str(script), "--models", "lenet300", "--check", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    row = proc.stdout.splitlines()[-1]
+    assert row.startswith("| lenet300 | 1x28x28 | 266,200 |") and row.endswith("| True |")
