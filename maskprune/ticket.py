@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import masks, models, rng
+from . import masks, models, ops, rng
 from .nn import convert, masked_layers
 from .nn.layers import MaskedConv2d, MaskedLinear
 
@@ -431,6 +431,10 @@ def load_ticket(path: str | os.PathLike, model: nn.Module | None = None, *, base
     Raises TicketError (a ValueError) naming the file and what is wrong; `model` may then be
     partly converted.
     """
+    for arg, value in (("model", model), ("base_model", base_model)):
+        if value is not None and not isinstance(value, nn.Module):
+            raise TypeError(f"{arg} must be a torch.nn.Module or None, got {type(value).__name__}")
+    ops.check_backend_name(backend)
     header, payload = _read(path)
     try:
         with torch.random.fork_rng(devices=[]):  # convert draws scores: leave the caller's RNG stream alone
@@ -450,10 +454,6 @@ def _load(path, header: dict, payload: memoryview, model, base_model, backend) -
         if arch["kind"] != "registry":
             raise TicketError(path, "holds a user model: pass the constructed network as load_ticket(path, model)")
         model = _registry_model(path, arch)
-    elif not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
-    if base_model is not None and not isinstance(base_model, nn.Module):
-        raise TypeError(f"base_model must be a torch.nn.Module or None, got {type(base_model).__name__}")
     needs_base = [e["name"] for e in entries if e["weight"]["source"] == "base"]
     if needs_base and base_model is None and not model_given:
         raise TicketError(path, f"does not hold the weights of {needs_base} (pretrained, or drawn by torch's RNG "

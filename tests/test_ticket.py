@@ -394,3 +394,15 @@ def test_sizes_script_runs():
     assert proc.returncode == 0, proc.stderr
     row = proc.stdout.splitlines()[-1]
     assert row.startswith("| lenet300 | 1x28x28 | 266,200 |") and row.endswith("| True |")
+
+
+def test_bad_arguments(small_ticket):
+    path, _ = small_ticket
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module or None, got str"):
+        load_ticket(path, "lenet300")
+    with pytest.raises(TypeError, match="base_model must be a torch.nn.Module or None"):
+        load_ticket(path, base_model=3)
+    with pytest.raises(ValueError, match="backend"):
+        load_ticket(path, backend="fortran")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        save_ticket({}, path)
