@@ -153,7 +153,7 @@ def test_fuzz_checkpoint_reader(tiny_run, tmp_path):
     pkl = zipfile.ZipFile(io.BytesIO(raw_last)).read(
         next(n for n in zipfile.ZipFile(io.BytesIO(raw_last)).namelist() if n.endswith("/data.pkl")))
     inputs: list[bytes] = []
-    inputs += byte_mutations(raw_last, rng, n_flips=300, n_truncations=120)
+    inputs += byte_mutations(raw_last, rng, n_flips=200, n_truncations=120)
     inputs += byte_mutations(raw_best, rng, n_flips=100, n_truncations=40)
     inputs += [rezip(raw_last, m) for m in byte_mutations(pkl, rng, n_flips=600, n_truncations=150)]
     ckpt = torch.load(tiny_run / "last.pt", weights_only=True)
@@ -193,7 +193,7 @@ def test_fuzz_config_reader(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     raw = dump_config(validate(TrainConfig(**TINY))).encode()
-    inputs = byte_mutations(raw, rng, n_flips=1000, n_truncations=200)
+    inputs = byte_mutations(raw, rng, n_flips=600, n_truncations=150)
     lines = raw.decode().splitlines()
     wrong_toml = ["{x = 1}", "[1, \"a\"]", "[[[[1]]]]", "1979-05-27T07:32:00Z", "07:32:00", "1979-05-27", '"x"',
                   "-1", "0", "1e400", "-inf", "nan", "99999999999999999999", "true", "0x10", '"""a\nb"""', "'c:\\x'",
