@@ -1,0 +1,165 @@
+"""supermask: a Bernoulli mask drawn afresh at every training forward (Zhou, Lan, Liu & Yosinski,
+"Deconstructing Lottery Tickets: Zeros, Signs, and the Supermask", NeurIPS 2019).
+
+Source read: uber-research/deconstructing-lottery-tickets, masked_networks.py (`get_effective_mask`,
+`MaskedDense.call`, `MaskedConv2D.call`).
+
+Rule. Each weight has a real score S (their `kernel_mask`); in training every forward draws
+M ~ Bernoulli(σ(S)), i.e. M = 1[u < σ(S)] with u ~ U[0, 1) per weight, and computes with W_eff = W ⊙ M.
+Their evaluation (`learning_phase` false) also *samples* a mask ("actually, sample them too"); here
+evaluation is `eval_mask="sample"` (default: one draw with a fixed key, so that every evaluation of
+the same scores sees the same network) or `"expected"` (M = 1[σ(S) > 0.5]).
+Dynamic weight rescaling (their `dynamic_scaling`, default off as in their flags): W_eff is multiplied
+by n / Σ M (n = weights in the layer), the multiplier computed from the mask in the graph.
+
+Gradient. Their mask is `sample + σ(S) - stop_gradient(σ(S))`: straight through the sample to σ(S), so
+dS = σ'(S) ⊙ W ⊙ ∂L/∂W_eff with σ' = σ(1 - σ) (here a torch.autograd.Function, `BernoulliSTE`). With
+dynamic scaling their multiplier n / Σ(sample + σ - sg(σ)) also carries a gradient to every score; the
+same happens here, because the multiplier is computed from the Function's output (autograd adds
+-n/(ΣM)² · Σ(W ⊙ M ⊙ g) · σ'(S) to every dS).
+
+Defaults. Their scores start at the constant `sigmoid_bias` (default 0: σ = 0.5, half the weights kept
+in expectation). Here the constant is `score_init`, default logit(density), so that the expected
+initial density is the `density` asked for (0.5 gives their 0). The density is learned afterwards: it
+is not a constraint for this policy (mask_stats reports what the scores give).
+
+The draw. u is keyed by (seed, step, layer, draw): `step` is the optimizer steps done (set by the
+after_step hook), `draw` counts this layer's training forwards within the step (usually 0), and the
+evaluation mask uses a reserved step key. So a resumed run draws exactly the masks of an uninterrupted
+one, and DDP ranks draw the same mask. Two generators (option `generator`):
+  - "torch" (default): a torch.Generator on the scores' device seeded from a 63-bit hash of the key.
+    Fast (one torch.rand), but torch's CPU (mt19937) and CUDA (Philox) generators give different
+    numbers for the same seed: a CPU and a CUDA run draw different masks with the same statistics.
+    Tests on these compare mask statistics (kept fraction against E[σ(S)]), not bits.
+  - "philox": maskprune.rng's Philox4x32-10 in torch integer ops (stream 1 + draw, key (seed, step)):
+    the same u bits on every device (the compare u < σ(S) can still differ where σ rounds differently,
+    i.e. where u is within a float32 ulp of σ(S)). About 50x slower than "torch" on CPU (0.18 s for
+    LeNet-300-100's 266k weights on one core), so meant for cross-device checks, not for training.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Mapping, Sequence
+
+import torch
+
+from .. import rng
+from .base import (LayerSetPolicy, bool_option, choice_option, fill_scores, float_option, int_option,
+                   linear_out)
+
+EVAL_STEP = 0xFFFFFFFF  # the step key of the evaluation draw (training steps stay below it)
+SUPERMASK_STREAM = 1    # rng stream of the training draws (stream 0 is the frozen weights)
+
+
+class BernoulliSTE(torch.autograd.Function):
+    """M = 1[u < σ(S)] forward; dS = σ'(S) ⊙ g backward (straight through the sample to σ(S))."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(scores)
+        ctx.save_for_backward(p)
+        return (u < p).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        p, = ctx.saved_tensors
+        return grad * (p * (1 - p)), None
+
+
+def _key_hash(*key: int) -> int:
+    """A 63-bit seed from a key tuple (blake2b: stable across processes, unlike Python's hash)."""
+    digest = hashlib.blake2b(repr(tuple(int(k) for k in key)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def uniform_draw(shape: Sequence[int], device: torch.device, *, generator: str, seed: int, step: int, layer: int,
+                 draw: int) -> torch.Tensor:
+    """float32 u in [0, 1) of `shape`, a pure function of (seed, step, layer, draw) and the generator."""
+    if generator == "philox":
+        n = math.prod(shape)
+        index = torch.arange(n, dtype=torch.int64, device=device)
+        word = lambda v: torch.tensor(v, dtype=torch.int64, device=device)
+        x0 = rng.philox4x32((index & 0xFFFFFFFF, index >> 32, word(layer), word(SUPERMASK_STREAM + draw)),
+                            (seed & 0xFFFFFFFF, step & 0xFFFFFFFF))[0]
+        return ((x0 >> 8).to(torch.float32) * 2.0 ** -24).reshape(tuple(shape))
+    g = torch.Generator(device=device)
+    g.manual_seed(_key_hash(seed, step, layer, draw))
+    return torch.rand(tuple(shape), generator=g, device=device, dtype=torch.float32)
+
+
+class Supermask(LayerSetPolicy):
+    """M ~ Bernoulli(σ(S)) per training forward; dS = σ'(S) ⊙ W ⊙ ∂L/∂W_eff (module docstring)."""
+
+    name = "supermask"
+    OPTIONS = {
+        "seed": int_option(0, 0, 2 ** 32, "key of the mask draws"),
+        "eval_mask": choice_option("sample", ("sample", "expected"),
+                                   "evaluation mask: one fixed-key draw, or 1[σ(S) > 0.5]"),
+        "dynamic_scaling": bool_option(False, "multiply W_eff by n / nnz(M) (Zhou et al.'s dynamic scaling)"),
+        "score_init": float_option(None, -30.0, 30.0, "constant initial score; None: logit(density)",
+                                   allow_none=True),
+        "generator": choice_option("torch", ("torch", "philox"),
+                                   "torch: fast, differs between CPU and CUDA; philox: same bits everywhere"),
+    }
+
+    def __init__(self, layers: Sequence, density: float, **options) -> None:
+        super().__init__(layers, density, **options)
+        o = self.options
+        self.seed, self.eval_mask, self.dynamic_scaling = o["seed"], o["eval_mask"], o["dynamic_scaling"]
+        self.generator = o["generator"]
+        if o["score_init"] is None:
+            d = min(max(self.density, 1e-6), 1 - 1e-6)
+            fill_scores(self.layers, math.log(d / (1 - d)))
+        else:
+            fill_scores(self.layers, o["score_init"])
+        self.step = 0
+        self._draws: dict[int, int] = {}
+
+    def _u(self, layer, training: bool) -> torch.Tensor:
+        index = self.layer_index(layer)
+        if training:
+            draw = self._draws.get(index, 0)
+            if not torch.is_inference_mode_enabled():
+                self._draws[index] = draw + 1
+            step = self.step
+        else:
+            if self.eval_mask == "expected":
+                return torch.full(layer.scores.shape, 0.5, dtype=torch.float32, device=layer.scores.device)
+            draw, step = 0, EVAL_STEP
+        return uniform_draw(layer.scores.shape, layer.scores.device, generator=self.generator, seed=self.seed,
+                            step=step, layer=index, draw=draw)
+
+    def _mask_value(self, layer, training: bool) -> torch.Tensor:
+        """The mask in the scores' dtype, carrying σ'(S) to the scores."""
+        return BernoulliSTE.apply(layer.scores, self._u(layer, training).to(layer.scores.dtype))
+
+    def effective_weight(self, layer, weight: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self._weight(layer, weight)
+        m = self._mask_value(layer, layer.training)
+        w_eff = weight * m.to(weight.dtype)
+        if self.dynamic_scaling:
+            w_eff = w_eff * (m.numel() / m.sum().clamp_min(1.0)).to(weight.dtype)
+        return w_eff
+
+    def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return linear_out(x, self.effective_weight(layer), layer.bias)
+
+    @torch.no_grad()
+    def mask(self, layer) -> torch.Tensor:
+        """The evaluation mask (what mask_stats and to_dense report); draws nothing new."""
+        u = self._u(layer, training=False)
+        return u.to(layer.scores.dtype) < torch.sigmoid(layer.scores)
+
+    def after_step(self, layers: Sequence, step: int) -> None:
+        if step != self.step:
+            self.step = int(step)
+            self._draws.clear()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "step": self.step, "draws": dict(self._draws)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        super().load_state_dict(state)
+        self.step = int(state["step"])
+        self._draws = {int(k): int(v) for k, v in state["draws"].items()}

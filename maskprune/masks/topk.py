@@ -1,0 +1,68 @@
+"""Edge-popup's top-k rules (Ramanujan et al., CVPR 2020; allenai/hidden-networks): layer-wise and global.
+
+`LayerwiseTopK` keeps the top `density` fraction of each layer; `GlobalTopK` keeps the top fraction of all
+its layers' scores together. Rule M = 1[|S| >= t] (or raw S with abs_scores=False), gradient
+dS = sign(S) ⊙ W ⊙ ∂L/∂W_eff (straight through the mask), both in the fused ops. Both cache the threshold
+against the scores' version counters, so it is computed once per optimizer step, not on every forward
+pass, and hand the previous step's threshold to the op as a hint (the CPU kernel then searches near it
+first). A layer-wise MaskedLinear gets its new threshold from its forward op itself (`LayerwiseTopK.linear`).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .. import ops
+from .base import MaskPolicy, _cache_key, _hint, _refresh, _store, cached_threshold
+
+
+class LayerwiseTopK(MaskPolicy):
+    """Each layer keeps the top `layer.density` fraction of its own scores."""
+
+    name = "layerwise"
+
+    def threshold(self, layer) -> torch.Tensor:
+        return cached_threshold(layer, layer.density, layer.abs_scores, "_threshold_cache")
+
+    def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """A MaskedLinear's output. After the scores changed, its new threshold comes from the same call
+        (masked_linear_topk: on CPU found in the mask pass itself) instead of a pass of its own."""
+        key = None if torch.compiler.is_compiling() else _cache_key([layer.scores], layer.density, layer.abs_scores)
+        cached = layer.__dict__.get("_threshold_cache")
+        if key is None or (cached is not None and cached[0] == key):
+            t = self.threshold(layer) if key is None else cached[1]
+            return ops.masked_linear(x, layer.weight, layer.scores, t, layer.bias, abs_scores=layer.abs_scores,
+                                     backend=layer.backend)
+        y, t = ops.masked_linear_topk(x, layer.weight, layer.scores, layer.density, layer.bias,
+                                      abs_scores=layer.abs_scores, backend=layer.backend, hint=_hint(cached, key))
+        _store(layer.__dict__, "_threshold_cache", (key, t))
+        return y
+
+
+class GlobalTopK(MaskPolicy):
+    """All `layers` together keep the top `density` fraction of their scores (one shared threshold)."""
+
+    name = "global"
+
+    def __init__(self, layers: Sequence, density: float, *, abs_scores: bool = True, backend: str = "auto"):
+        if not layers:
+            raise ValueError("GlobalTopK needs at least one masked layer")
+        self.layers = list(layers)
+        self.density = ops.check_density(density)
+        self.abs_scores = abs_scores
+        self.backend = backend
+        self._cache = None
+
+    def threshold(self, layer=None) -> torch.Tensor:
+        scores = [l.scores for l in self.layers]
+        compute = lambda hint=None: ops.global_threshold(scores, self.density, abs_scores=self.abs_scores,
+                                                         backend=self.backend, hint=hint)
+        if torch.compiler.is_compiling():
+            return compute()
+        cached = _refresh(self._cache, _cache_key(scores, self.density, self.abs_scores), compute)
+        _store(self.__dict__, "_cache", cached)
+        return cached[1]
+
+
+LAYERWISE = LayerwiseTopK()
