@@ -47,6 +47,7 @@ tests/test_rng.py checks 2^15).
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -91,7 +92,7 @@ def philox4x32(counter: Sequence, key: Sequence[int], rounds: int = _ROUNDS) -> 
     `counter` is four ints or int64 tensors (broadcast together, values in [0, 2^32)); `key` two ints.
     """
     k0, k1 = (_check_u32(k, f"key[{j}]") for j, k in enumerate(key))
-    c = [torch.as_tensor(w, dtype=torch.int64) for w in counter]
+    c = [torch.as_tensor(w, dtype=torch.int64, device="cpu") for w in counter]
     if len(c) != 4:
         raise ValueError(f"counter must have 4 words, got {len(c)}")
     c0, c1, c2, c3 = torch.broadcast_tensors(*c)
@@ -110,7 +111,7 @@ def random_words(start: int, count: int, *, seed: int, layer: int, stream: int =
     _check_u32(seed, "seed", 64)
     _check_u32(layer, "layer")
     _check_u32(stream, "stream")
-    index = torch.arange(start, start + count, dtype=torch.int64)
+    index = torch.arange(start, start + count, dtype=torch.int64, device="cpu")
     out = philox4x32((index & _M32, index >> 32, layer, stream), (seed & _M32, seed >> 32))
     return out[:words]
 
@@ -139,12 +140,12 @@ def counter_weights(shape: Sequence[int], init: str, scale: float, *, seed: int,
     """A float32 CPU tensor of `shape` holding the `init` weights of (seed, layer, stream) (module doc)."""
     if init not in WEIGHT_INITS:
         raise ValueError(f"init must be one of {WEIGHT_INITS}, got {init!r}")
-    scale32 = torch.tensor(scale, dtype=torch.float32)
+    scale32 = torch.tensor(scale, dtype=torch.float32, device="cpu")
     if not (math.isfinite(scale) and scale > 0 and float(scale32) >= 2.0 ** -100):
         raise ValueError(f"scale must be a finite float32 > 2^-100, got {scale!r}")
     shape = tuple(int(d) for d in shape)
     n = math.prod(shape)
-    out = torch.empty(n, dtype=torch.float32)
+    out = torch.empty(n, dtype=torch.float32, device="cpu")
     words = 2 if init == "kaiming_normal" else 1
     for start in range(0, n, _CHUNK):
         count = min(_CHUNK, n - start)
@@ -205,9 +206,11 @@ def init_weight_counter(weight: torch.Tensor, init: str, *, seed: int, layer: in
         raise ValueError(f"density must be a float in (0, 1], got {density!r}")
     std = _relu_std(weight.shape, float(density), bool(scale_fan))
     scale = math.sqrt(3.0) * std if init == "kaiming_uniform" else std
-    key = WeightKey(init=init, scale=float(torch.tensor(scale, dtype=torch.float32)),
+    scale32 = struct.unpack("<f", struct.pack("<f", scale))[0]  # rounded to float32 (round to nearest even)
+    key = WeightKey(init=init, scale=scale32,
                     seed=_check_u32(seed, "seed", 64), layer=_check_u32(layer, "layer"))
-    weight.copy_(key.generate(weight.shape))
+    if not weight.is_meta:  # on the meta device (shape checks) only the key is made
+        weight.copy_(key.generate(weight.shape))
     return key
 
 

@@ -12,10 +12,10 @@ File layout, version 1 (all integers little-endian):
     8       4     version, uint32 (= 1)
     12      8     header length H, uint64
     20      32    SHA-256 of the header bytes
-    52      H     header: UTF-8 JSON (below)
+    52      H     header: UTF-8 JSON (below), zlib-compressed (RFC 1950, Python's zlib.compress)
     52+H    P     payload: the raw blobs, at the offsets the header gives (relative to 52+H)
 
-The header holds "payload": {"nbytes": P, "sha256": hex}, so every byte of the file is checked. Its
+The header SHA-256 is over the H stored (compressed) bytes. The header holds "payload": {"nbytes": P, "sha256": hex}, so every byte of the file is checked. Its
 other fields: "arch" ({"kind": "registry", "name", "args"} to rebuild with maskprune.models.create,
 or {"kind": "user"} when the loader must pass the constructed model), "policy" ("layerwise" or
 "global") and "global_density", "layers" (one entry per masked layer in module order: name, type,
@@ -46,6 +46,7 @@ import os
 import struct
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -55,7 +56,7 @@ from . import masks, models, ops, rng
 from .nn import convert, masked_layers
 from .nn.layers import MaskedConv2d, MaskedLinear
 
-__all__ = ["TicketError", "save_ticket", "load_ticket", "ticket_info", "MAGIC", "VERSION", "pack_mask",
+__all__ = ["TicketError", "save_ticket", "load_ticket", "ticket_info", "export_run", "evaluate_ticket", "MAGIC", "VERSION", "pack_mask",
            "unpack_mask", "weight_sha256"]
 
 MAGIC = b"MPTICKET"
@@ -252,7 +253,7 @@ def save_ticket(model: nn.Module, path: str | os.PathLike, *, arch: dict | None 
     header = {"format": "maskprune-ticket", "arch": arch_entry, "policy": policy, "global_density": global_density,
               "layers": layer_entries, "tensors": tensors, "meta": meta_json,
               "payload": {"nbytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}}
-    header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    header_bytes = zlib.compress(json.dumps(header, separators=(",", ":"), allow_nan=False).encode(), 9)
     preamble = _PREAMBLE.pack(MAGIC, VERSION, len(header_bytes), hashlib.sha256(header_bytes).digest())
     _write_atomic(Path(path), preamble + header_bytes + payload)
     return header
@@ -264,6 +265,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise ValueError(f"path {path} is a directory; give a file name such as ticket.mpt")
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the mode open() would give, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -303,10 +307,14 @@ def _read(path) -> tuple[dict, memoryview]:
     if hashlib.sha256(header_bytes).digest() != header_sha:
         raise TicketError(path, "is corrupted: the header's SHA-256 does not match")
     try:
-        header = json.loads(header_bytes)
+        inflate = zlib.decompressobj()
+        text = inflate.decompress(header_bytes, _MAX_HEADER)
+        if not inflate.eof or inflate.unconsumed_tail or inflate.unused_data:
+            raise ValueError("the compressed header is incomplete, too large or followed by other bytes")
+        header = json.loads(text)
         payload_info = header["payload"]
         nbytes, sha = int(payload_info["nbytes"]), str(payload_info["sha256"])
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, zlib.error) as err:
         raise TicketError(path, f"has a malformed header ({type(err).__name__}: {err})") from None
     payload = memoryview(data)[end:]
     if len(payload) != nbytes:
@@ -547,3 +555,62 @@ def _load_tensors(path, header: dict, payload: memoryview, model: nn.Module, lay
             raise TicketError(path, f"is for another architecture: tensor {name!r} is {tuple(t.shape)} {t.dtype} "
                                     f"in the ticket, {tuple(state[name].shape)} {state[name].dtype} in the model")
         state[name].copy_(t)
+
+
+# ---------------------------------------------------------------------------------------------
+# run folders (what `maskprune export` and `maskprune eval FILE` call)
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, which: str = "best",
+               store_weights: bool | None = None) -> dict:
+    """Writes the ticket of a mask-mode run folder's best.pt (or last.pt) to `out`; returns its header.
+
+    The run's config and summary go into the header's meta, so evaluate_ticket needs nothing else.
+    `store_weights=None` stores the weights of layers without a generator key (runs made before
+    maskprune.rng drew the weights), keeping the ticket self-contained; False stores only their hash.
+    """
+    import dataclasses
+
+    from . import data as datasets
+    from .evaluate import load_run
+
+    model, cfg = load_run(run_dir, which, device="cpu")
+    if cfg.mode != "mask":
+        raise ValueError(f"run_dir: {run_dir} is a dense run (mode={cfg.mode!r}); only mask runs have tickets")
+    info = datasets.DATASETS[cfg.dataset]
+    arch = {"name": cfg.model, "num_classes": info.num_classes, "in_shape": list(info.in_shape), "width": cfg.width,
+            "bias": False, **({"widths": cfg.widths} if cfg.widths else {})}  # as train.build_model builds it
+    keyless = [n for n, layer in masked_layers(model) if getattr(layer, "weight_key", None) is None]
+    if store_weights is None:
+        store_weights = bool(keyless)
+    meta = {"run": str(run_dir), "which": which, "config": dataclasses.asdict(cfg)}
+    summary_path = Path(run_dir) / "summary.json"
+    if summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text())
+            meta["summary"] = {k: summary[k] for k in ("test_acc_best", "test_acc_last", "best_epoch")
+                               if k in summary}
+        except (ValueError, TypeError, OSError):
+            pass  # the ticket does not need it
+    return save_ticket(model, out, arch=arch, store_weights=store_weights, meta=meta)
+
+
+def evaluate_ticket(path: str | os.PathLike, *, device: str = "cpu", data_root: str | None = None) -> dict:
+    """Validation and test accuracy of an exported ticket on its run's dataset (from the header's meta), fp32."""
+    import contextlib
+
+    from . import data as datasets
+    from .train import evaluate
+
+    header = ticket_info(path)
+    config = header.get("meta", {}).get("config")
+    if not isinstance(config, dict) or config.get("dataset") not in datasets.DATASETS:
+        raise TicketError(path, "names no dataset in its meta (not written by export_run); evaluate it yourself "
+                                "with load_ticket")
+    dev = torch.device(device)
+    model = load_ticket(path).to(dev)
+    splits = datasets.load(config["dataset"], root=data_root or config.get("data_root") or None).normalize().to(dev)
+    _, val_acc = evaluate(model, splits.val_x, splits.val_y, 1024, contextlib.nullcontext)
+    _, test_acc = evaluate(model, splits.test_x, splits.test_y, 1024, contextlib.nullcontext)
+    return {"ticket": str(path), "dataset": config["dataset"], "val_acc": val_acc, "test_acc": test_acc,
+            "run_summary": header["meta"].get("summary")}

@@ -5,6 +5,7 @@ import math
 import os
 import random
 import struct
+import zlib
 
 import pytest
 import torch
@@ -74,7 +75,7 @@ def test_file_layout(tmp_path):
     assert (magic, version) == (MAGIC, VERSION)
     header_bytes = data[52:52 + header_len]
     assert hashlib.sha256(header_bytes).digest() == header_sha
-    assert json.loads(header_bytes) == header == ticket_info(path)
+    assert json.loads(zlib.decompress(header_bytes)) == header == ticket_info(path)
     payload = data[52 + header_len:]
     assert len(payload) == header["payload"]["nbytes"]
     assert hashlib.sha256(payload).hexdigest() == header["payload"]["sha256"]
@@ -311,10 +312,10 @@ def test_header_of_the_right_hash_but_wrong_content(small_ticket):
     path, _ = small_ticket
     data = path.read_bytes()
     header_len = struct.unpack_from("<Q", data, 12)[0]
-    header, payload = json.loads(data[52:52 + header_len]), data[52 + header_len:]
+    header, payload = json.loads(zlib.decompress(data[52:52 + header_len])), data[52 + header_len:]
 
     def write(h):
-        hb = json.dumps(h).encode()
+        hb = zlib.compress(json.dumps(h).encode())
         return rewrite(path, struct.pack("<8sIQ32s", MAGIC, VERSION, len(hb), hashlib.sha256(hb).digest()) + hb
                        + payload)
 
@@ -322,6 +323,10 @@ def test_header_of_the_right_hash_but_wrong_content(small_ticket):
         load_ticket(write({**header, "arch": {**header["arch"], "name": "nosuchnet"}}))
     with pytest.raises(TicketError, match="has a malformed header"):
         load_ticket(write({**header, "layers": "oops"}))
+    hb = json.dumps(header).encode()  # not compressed
+    rewrite(path, struct.pack("<8sIQ32s", MAGIC, VERSION, len(hb), hashlib.sha256(hb).digest()) + hb + payload)
+    with pytest.raises(TicketError, match="has a malformed header \\(error"):
+        load_ticket(path)
     bad_layer = {**header["layers"][0], "mask": {"offset": 10 ** 9, "nbytes": 4}}
     with pytest.raises(TicketError, match="lies outside the payload"):
         load_ticket(write({**header, "layers": [bad_layer, *header["layers"][1:]]}))
@@ -342,6 +347,9 @@ def test_nothing_written_on_failure(small_ticket, tmp_path):
         save_ticket(model, tmp_path / "new.mpt", arch={"name": "mlp", "num_classes": 0, "in_shape": (1, 4, 4)})
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small.mpt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     with pytest.raises(ValueError, match="no masked layers"):
         save_ticket(nn.Linear(2, 2), tmp_path / "x.mpt")
 
@@ -406,3 +414,44 @@ def test_bad_arguments(small_ticket):
         load_ticket(path, backend="fortran")
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         save_ticket({}, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# run folders: export_run / evaluate_ticket (what `maskprune export` and `maskprune eval FILE` call)
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_export_and_evaluate_run(tmp_path, monkeypatch, keyed):
+    """A tiny MNIST run's ticket tests to the run's summary accuracy exactly (CPU). keyed=True: weights from
+    maskprune.rng, as build_model will draw them (stores keys); False: today's torch-RNG weights (stored)."""
+    pytest.importorskip("maskprune.evaluate")
+    from maskprune import data as datasets
+    from maskprune import evaluate as evaluate_mod
+    from maskprune import train as train_mod
+    from maskprune.ticket import evaluate_ticket, export_run
+
+    try:
+        datasets.load("mnist")
+    except datasets.DatasetUnavailable:
+        pytest.skip("MNIST is not cached here")
+    if keyed:
+        original = train_mod.build_model
+
+        def build_seeded(cfg, num_classes, in_shape):
+            return rng.seed_weights(original(cfg, num_classes, in_shape), cfg.seed)
+
+        monkeypatch.setattr(train_mod, "build_model", build_seeded)
+        monkeypatch.setattr(evaluate_mod, "build_model", build_seeded)
+    cfg = train_mod.TrainConfig(model="lenet300", dataset="mnist", epochs=1, batch_size=64, limit_train=512,
+                                device="cpu", threads=1)
+    summary = train_mod.train(cfg, tmp_path / "run", quiet=True)
+    header = export_run(tmp_path / "run", tmp_path / "run.mpt")
+    assert {e["weight"]["source"] for e in header["layers"]} == ({"philox4x32-10"} if keyed else {"stored"})
+    result = evaluate_ticket(tmp_path / "run.mpt")
+    assert result["test_acc"] == summary["test_acc_best"] == result["run_summary"]["test_acc_best"]
+    size = (tmp_path / "run.mpt").stat().st_size
+    assert (size * 30 <= 266_200 * 4) == keyed
+    with pytest.raises(TicketError, match="names no dataset in its meta"):
+        model, arch = seeded("mlp", (1, 4, 4), widths="4")
+        save_ticket(model, tmp_path / "plain.mpt", arch=arch)
+        evaluate_ticket(tmp_path / "plain.mpt")
