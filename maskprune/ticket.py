@@ -40,6 +40,7 @@ Every source is checked against the weight SHA-256 on load.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -385,11 +386,15 @@ def _prepare(path, model: nn.Module, header: dict) -> list:
             raise TicketError(path, f"is for another architecture: the model has no nn.Linear/nn.Conv2d "
                                     f"{entry['name']!r} (found {type(module).__name__})")
         _check_layer(path, entry, tuple(module.weight.shape), _plain_config(module))
-    skip = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d)) and n not in set(names)]
     first = entries[0]
     density = header["global_density"] if header["policy"] == "global" else first["density"]
-    convert(model, density, policy=header["policy"], weight_init=None, score_init=first["score_init"],
-            scale_fan=first["scale_fan"], abs_scores=first["abs_scores"], skip=skip)
+    kw = dict(policy=header["policy"], weight_init=None, score_init=first["score_init"], scale_fan=first["scale_fan"],
+              abs_scores=first["abs_scores"])
+    if "include" in inspect.signature(convert).parameters:  # mask exactly the ticket's layers, nothing else
+        convert(model, density, include=names, **kw)
+    else:
+        skip = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d)) and n not in set(names)]
+        convert(model, density, skip=skip, **kw)
     return masked_layers(model)
 
 
