@@ -27,6 +27,7 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -631,7 +632,9 @@ def _decoded(info: DatasetInfo, folder: Path, hashes: list[str]) -> dict:
         if not cache.is_file():
             return None
         try:
-            data = torch.load(cache, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's notes on odd pickle protocols: the cache is rebuilt anyway
+                warnings.simplefilter("ignore")
+                data = torch.load(cache, map_location="cpu", weights_only=True)
         except Exception:  # a torn or foreign cache file: rebuild it  # noqa: BLE001
             return None
         return data if _cache_ok(data, info) else None
