@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -173,7 +174,12 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 
 def check_backend_name(backend: str) -> str:
-    """Rejects a backend name that is neither "auto" nor a registered backend."""
+    """Rejects a backend name that is neither "auto" nor a registered backend ("cpp" without maskprune._C:
+    with the reason it did not load)."""
+    if backend == "cpp" and "cpp" not in BACKENDS:
+        raise ValueError(f"backend 'cpp' is unavailable: the compiled kernels (maskprune._C) did not load "
+                         f"({CPP_UNAVAILABLE_REASON}). To fix: {_extension_fix(CPP_UNAVAILABLE_REASON)}; "
+                         f"or use backend='auto' or 'torch'")
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
         accepted = ", ".join(["auto", *BACKENDS])
         raise ValueError(f"backend must be one of ({accepted}), got {backend!r}")
@@ -187,7 +193,10 @@ def resolve_backend(backend: str, device: torch.device) -> Backend:
         return BACKENDS[available_backends(device)[0]]
     chosen = BACKENDS[backend]
     if not chosen.is_available(device):
-        raise ValueError(f"backend {backend!r} is not available on {device}; available there: "
+        why = ""
+        if backend == "cpp" and device.type == "cuda":
+            why = " (maskprune._C was built without its CUDA part: torch without CUDA, no nvcc, or MASKPRUNE_NO_CUDA=1)"
+        raise ValueError(f"backend {backend!r} is not available on {device}{why}; available there: "
                          f"{', '.join(available_backends(device))}")
     return chosen
 
@@ -253,15 +262,44 @@ def register_masked_linear_autograd(op, backward_op: Callable) -> None:
 # The C++/CUDA extension: fake (meta) kernels for the ops whose schema is in csrc/ops.cpp
 # --------------------------------------------------------------------------------------------
 
-def _load_extension() -> bool:
+def _build_torch_requirement() -> str | None:
+    """The torch requirement the installed maskprune was built with (`torch==X.Y.Z`), if installed."""
+    try:
+        from importlib.metadata import PackageNotFoundError, requires
+        return next((r for r in requires("maskprune") or [] if r.replace(" ", "").startswith("torch==")), None)
+    except (ImportError, PackageNotFoundError):
+        return None
+
+
+def _extension_fix(reason: str) -> str:
+    """What to do about an extension that did not load: the torch it needs, or how to build it."""
+    wanted = _build_torch_requirement()
+    fix = "rebuild it against this torch: `pip install --no-build-isolation -e .` in a source checkout"
+    if wanted is not None and wanted.replace(" ", "") != f"torch=={torch.__version__.split('+')[0]}":
+        fix = f"install the torch it was built for (`pip install \"{wanted}\"`), or " + fix
+    if "No module named" in reason:
+        fix = "build it: `pip install --no-build-isolation -e .` (or `make install`) in the source checkout"
+    return fix
+
+
+def _load_extension() -> tuple[bool, str]:
+    """(loaded, why not). A wheel's _C links against the exact torch build it was compiled with: any other
+    torch fails here with an undefined symbol or a missing library, and maskprune then runs without it."""
     try:
         from . import _C  # noqa: F401  (registers torch.ops.maskprune.*)
-    except ImportError:
-        return False
-    return True
+    except (ImportError, OSError) as e:
+        return False, f"{type(e).__name__}: {e}"
+    return True, ""
 
 
-HAS_CPP = _load_extension()
+HAS_CPP, CPP_UNAVAILABLE_REASON = _load_extension()
+if not HAS_CPP:
+    # Once per process (the module is imported once): the fallback is slow, and must not be silent.
+    _fallback = "triton or the slow 'torch' reference" if torch.cuda.is_available() else "the slow 'torch' reference"
+    warnings.warn(f"maskprune: the compiled kernels (maskprune._C) did not load ({CPP_UNAVAILABLE_REASON}); "
+                  f"backend 'cpp' is unavailable and 'auto' falls back to {_fallback}. "
+                  f"To fix: {_extension_fix(CPP_UNAVAILABLE_REASON)}. torch here: {torch.__version__}.",
+                  RuntimeWarning, stacklevel=2)
 
 
 def cpu_cache_bytes() -> int:

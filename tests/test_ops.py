@@ -1446,3 +1446,47 @@ def test_raw_ops_reject_bad_input(i):
     _, call, exc, match = RAW_OP_CASES[i]
     with pytest.raises(exc, match=match):
         call()
+
+
+_NO_EXTENSION_SCRIPT = r"""
+import sys, warnings
+sys.modules["maskprune._C"] = None  # as if the .so failed to load (e.g. a wheel for another torch build)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import maskprune
+    import importlib; importlib.import_module("maskprune.ops")  # a second import: no second warning
+messages = [str(w.message) for w in caught if "maskprune._C" in str(w.message)]
+assert len(messages) == 1, messages
+print("WARNING:", messages[0])
+import torch
+from maskprune import ops
+for call in (lambda: ops.resolve_backend("cpp", torch.device("cpu")),
+             lambda: maskprune.nn.MaskedLinear(3, 2, backend="cpp"),
+             lambda: maskprune.threshold(torch.randn(5), 0.5, backend="cpp")):
+    try:
+        call()
+    except ValueError as e:
+        print("ERROR:", e)
+    else:
+        raise AssertionError("no error")
+print("auto:", ops.resolve_backend("auto", torch.device("cpu")).name)
+"""
+
+
+def test_missing_extension_warns_once_and_cpp_says_why():
+    """Without maskprune._C: one RuntimeWarning at import naming the reason and the fix, and backend="cpp"
+    raises a ValueError saying why it is unavailable, while "auto" runs on the reference."""
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-c", _NO_EXTENSION_SCRIPT], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "MASKPRUNE_NO_TRITON": "1"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    warning = next(line for line in lines if line.startswith("WARNING:"))
+    assert "did not load (ModuleNotFoundError: import of maskprune._C halted" in warning and "To fix:" in warning and "torch here:" in warning
+    errors = [line for line in lines if line.startswith("ERROR:")]
+    assert len(errors) == 3
+    for error in errors:
+        assert "backend 'cpp' is unavailable: the compiled kernels (maskprune._C) did not load" in error
+        assert "To fix:" in error
+    assert "auto: torch" in lines
