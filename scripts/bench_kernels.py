@@ -4,8 +4,11 @@ Every implementation runs in this one process on the same tensors, timed with tr
 (median of repeated runs, L2 flushed between them):
 
   masked linear, x [M, K] times (W ⊙ M)^T with W and scores [N, K], density 0.5 by default:
-    triton  maskprune.masked_linear(backend="triton"): fused GEMMs, mask formed in registers
-    cpp     maskprune.masked_linear(backend="cpp") (the CUDA ops of maskprune._C), when built
+    triton  maskprune.masked_linear(backend="triton"): the mask prepass (W ⊙ M in x's dtype) + plain
+            Triton GEMMs, dS with its fused epilogue; the mask cache is cleared before every call, so the
+            time holds one prepass per forward(+backward), as a training step does
+    triton-cached  the same with the mask already built (gradient accumulation, evaluation)
+    cpp     maskprune.masked_linear(backend="cpp") (maskprune._C: the mask pass + cuBLAS), when built
     torch   maskprune.masked_linear(backend="torch"): the reference, W ⊙ M materialised, autograd
     dense   F.linear on the same shapes (cuBLAS): the limit a fused kernel is measured against
   forward+backward is y = layer(x); y.backward(dY): masked layers compute dX and dS (not dW), the
@@ -133,15 +136,26 @@ def linear_cases(M: int, N: int, K: int, dtype: torch.dtype, density: float, dev
     weight_grad = weight.clone().requires_grad_()
 
     cases = {}
-    for backend in masked_backends(device):
-        def fwd(backend=backend):
+    impls = masked_backends(device)
+    if "triton" in impls:
+        impls = impls[:1] + ["triton-cached"] + impls[1:]
+    for impl in impls:
+        backend = impl.split("-")[0]
+
+        def fwd(backend=backend, fresh=impl == "triton"):
+            if fresh:
+                from maskprune.triton_ops import MASK_CACHE
+                MASK_CACHE.clear()
             return maskprune.masked_linear(x, weight, scores, t, backend=backend)
 
-        def fwd_bwd(backend=backend):
+        def fwd_bwd(backend=backend, fresh=impl == "triton"):
+            if fresh:
+                from maskprune.triton_ops import MASK_CACHE
+                MASK_CACHE.clear()
             maskprune.masked_linear(x_grad, weight, scores_grad, t, backend=backend).backward(grad_out)
 
-        cases[(backend, "fwd")] = (fwd, None)
-        cases[(backend, "fwd+bwd")] = (fwd_bwd, [x_grad, scores_grad])
+        cases[(impl, "fwd")] = (fwd, None)
+        cases[(impl, "fwd+bwd")] = (fwd_bwd, [x_grad, scores_grad])
     cases[("dense", "fwd")] = (lambda: F.linear(x, weight), None)
     cases[("dense", "fwd+bwd")] = (lambda: F.linear(x_grad, weight_grad).backward(grad_out), [x_grad, weight_grad])
 
