@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import data as datasets
-from .runfiles import RunFileError, load_model_state, read_checkpoint, read_run_config
+from .runfiles import RunFileError, check_fits, load_model_state, read_checkpoint, read_run_config
 from .train import TrainConfig, build_model, evaluate, kept_fraction, resolve_device
 
 __all__ = ["load_run", "evaluate_run"]
@@ -48,6 +48,7 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", device: str | torc
     cfg = read_run_config(run_dir, device=str(dev))
     path = Path(run_dir) / f"{which}.pt"
     checkpoint = read_checkpoint(path, kind=which, map_location=dev)
+    check_fits(cfg, checkpoint, path)  # before the network is allocated
     model = _build(cfg, dev)
     load_model_state(model, checkpoint, path)
     return model.eval(), cfg
@@ -66,12 +67,11 @@ def evaluate_run(run: str | os.PathLike, device: str | None = None) -> dict:
         path = Path(run) / f"{name}.pt"
         if path.exists():
             checkpoints[name] = (path, read_checkpoint(path, kind=name, map_location=dev))
+            check_fits(cfg, checkpoints[name][1], path)
     if not checkpoints:
         raise RunFileError(Path(run), "holds neither last.pt nor best.pt: the run stopped before its first epoch "
                                       "ended; nothing to evaluate")
     model = _build(cfg, dev)
-    for name, (path, checkpoint) in checkpoints.items():  # every file fits before any is evaluated
-        load_model_state(model, checkpoint, path)
     splits = datasets.load(cfg.dataset, root=cfg.data_root or None).normalize().to(dev)
     result = {"run": str(run), "device": str(dev)}
     for name, (path, checkpoint) in checkpoints.items():

@@ -27,7 +27,8 @@ from . import data as datasets
 from . import models, ops
 from .masks import POLICIES
 from .nn import SCORE_INITS, WEIGHT_INITS, convert, mask_stats
-from .runfiles import RunFileError, _short, load_model_state, load_training_state, read_metrics, read_toml
+from .runfiles import (RunFileError, _short, check_fits, load_model_state, load_training_state, read_metrics,
+                       read_toml)
 from .runfiles import read_checkpoint as _read_checkpoint
 
 # The files a run writes into its folder (--overwrite removes exactly these, nothing else).
@@ -329,6 +330,13 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: str | None = None
     if resume is not None:
         checkpoint = read_checkpoint(resume)
         check_resume(checkpoint, cfg, resume, out)
+        # the network must fit the checkpoint (checked on the meta device, before anything is allocated), and
+        # the run's best.pt, which the final test reads, must be sound too: a resume that fails writes nothing
+        check_fits(cfg, checkpoint, resume)
+        best_path = Path(resume).parent / "best.pt"
+        if not best_path.exists():
+            raise RunFileError(best_path, "does not exist: a run folder holds best.pt beside last.pt")
+        check_fits(cfg, _read_checkpoint(best_path, kind="best"), best_path)
 
     # -- distributed: torchrun sets WORLD_SIZE/RANK/LOCAL_RANK
     world = int(os.environ.get("WORLD_SIZE", "1"))
