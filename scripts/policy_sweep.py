@@ -1,0 +1,234 @@
+"""Every mask policy (maskprune.masks) on the same networks, densities, seeds and budget: one comparison.
+
+Tasks: lenet300 on MNIST and conv4 on Fashion-MNIST. For each (task, policy) the learning rate is chosen
+on the validation split from the policy's small grid (seed 0, density --select-density), then every
+density x seed runs with it; test accuracy of the final model is reported (gem_miner after its rounding,
+supermask with its evaluation mask). Every run: frozen signed-constant weights with edge-popup's fan
+scaling, batch 128, --epochs epochs (one budget for all), cosine schedule, no weight decay, the policy's
+default options except iterand's period (--iterand-period) and gem_miner's schedule (epochs = --epochs,
+freeze every epoch: with a short budget their 8-epoch period would never freeze).
+
+Writes results/policy_sweep/<run>/results.json (every selection run and point, rewritten after each) and
+policy_sweep.png (test accuracy against the measured kept fraction per task, mean and spread over seeds: the
+density asked for is a constraint for the top-k rules, a target for gem_miner and an initial value for supermask
+and threshold, which learn theirs).
+
+    python scripts/policy_sweep.py --quick          # smoke run, < 1 min on one CPU core
+    python scripts/policy_sweep.py --run full-cpu   # the full comparison (hours on CPU)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Results, mean_std, option_list, run_dir, seed_everything, setup_threads  # noqa: E402
+
+import maskprune  # noqa: E402
+from maskprune import data, masks, models  # noqa: E402
+from maskprune.nn import masked_layers  # noqa: E402
+
+TASKS = {"lenet300-mnist": ("lenet300", "mnist"), "conv4-fashion": ("conv4", "fashion-mnist")}
+POLICIES = ("layerwise", "supermask", "biprop", "signed", "iterand", "gem_miner", "threshold")
+# (optimizer, learning-rate grid) per policy: SGD with momentum 0.9 for the top-k rules (edge-popup's 0.1 in the
+# middle), SGD at Zhou et al.'s lr 100 scale for supermask, Adam for the [0, 1] and thresholded scores.
+GRIDS = {
+    "layerwise": ("sgd", (0.03, 0.1, 0.3)),
+    "supermask": ("sgd", (30.0, 100.0, 300.0)),
+    "biprop": ("sgd", (0.03, 0.1, 0.3)),
+    "signed": ("sgd", (0.03, 0.1, 0.3)),
+    "iterand": ("sgd", (0.03, 0.1, 0.3)),
+    "gem_miner": ("adam", (0.003, 0.01, 0.03)),
+    "threshold": ("adam", (0.0003, 0.001, 0.003)),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: lenet300/MNIST, 600 images, 2 epochs of batch 64, densities 0.1,0.5, 1 seed, "
+                        "2 lrs per grid")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"of {', '.join(TASKS)}")
+    p.add_argument("--policies", default=",".join(POLICIES), help=f"of {', '.join(POLICIES)}")
+    p.add_argument("--densities", default="0.05,0.1,0.3,0.5")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--epochs", type=int, default=10, help="the budget of every run")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--train-limit", type=int, default=0, help="training examples used (0 = all)")
+    p.add_argument("--val-limit", type=int, default=0, help="validation examples used for the lr choice (0 = all)")
+    p.add_argument("--test-limit", type=int, default=0, help="test examples used (0 = all)")
+    p.add_argument("--select-density", type=float, default=0.1, help="density at which each lr grid is searched")
+    p.add_argument("--iterand-period", type=int, default=300, help="IteRand's K (optimizer steps between redraws)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = leave torch's default)")
+    p.add_argument("--run", default=None, help="run name (default: UTC time)")
+    p.add_argument("--out", default=None, help="output folder (default results/policy_sweep/<run>)")
+    args = p.parse_args(argv)
+    args.tasks = option_list(p, "--tasks", args.tasks, str, accepted=TASKS, what="task")
+    args.policies = option_list(p, "--policies", args.policies, str, accepted=POLICIES, what="policy")
+    args.densities = option_list(p, "--densities", args.densities, float, low=1e-4, high=1.0)
+    args.seeds = option_list(p, "--seeds", args.seeds, int, low=0, high=2 ** 31)
+    for flag in ("epochs", "batch_size", "iterand_period"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
+    for flag in ("train_limit", "val_limit", "test_limit"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')}: must be >= 0, got {getattr(args, flag)}")
+    if not 0 < args.select_density <= 1:
+        p.error(f"--select-density: must be in (0, 1], got {args.select_density}")
+    if args.quick:
+        args.tasks, args.densities, args.seeds, args.epochs = ["lenet300-mnist"], [0.1, 0.5], [0], 2
+        args.train_limit, args.val_limit, args.test_limit, args.iterand_period = 600, 500, 1000, 5
+        args.select_density, args.batch_size = 0.5, 64
+    return args
+
+
+def _limit(x, y, n):
+    return (x, y) if not n else (x[:n], y[:n])
+
+
+def train_one(task: str, policy_name: str, density: float, seed: int, lr: float, splits, args) -> dict:
+    """One mask-training run; returns val and test accuracy, kept fraction and seconds."""
+    arch, _ = TASKS[task]
+    seed_everything(seed)
+    model = models.create(arch, num_classes=splits.num_classes, in_shape=splits.in_shape, bias=False)
+    maskprune.convert(model, density, weight_init="signed_constant", scale_fan=True)
+    layers = [layer for _, layer in masked_layers(model)]
+    options = {}
+    if policy_name == "iterand":
+        options = {"period": args.iterand_period, "seed": seed}
+    elif policy_name == "gem_miner":
+        options = {"epochs": args.epochs, "freeze_every": 1}
+    elif policy_name == "supermask":
+        options = {"seed": seed}
+    policy = masks.make_policy(policy_name, layers, density, **options)
+    masks.attach(model, policy)
+    optimizer_name, _ = GRIDS[policy_name]
+    params = [layer.scores for layer in layers]
+    optimizer = (torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer_name == "sgd"
+                 else torch.optim.Adam(params, lr=lr))
+    from maskprune.train import lr_factor
+
+    x, y = _limit(splits.train_x, splits.train_y, args.train_limit)
+    steps_per_epoch = -(-len(x) // args.batch_size)
+    total = args.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, 0))
+    t0, step, diverged = time.perf_counter(), 0, False
+    model.train()
+    for epoch in range(args.epochs):
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        for start in range(0, len(x), args.batch_size):
+            idx = order[start:start + args.batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            penalty = masks.policy_penalty(model)
+            if penalty is not None:
+                loss = loss + penalty
+            if not torch.isfinite(loss):
+                diverged = True
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            masks.step_hooks(model, step)
+        if diverged:
+            break
+        masks.epoch_hooks(model, epoch + 1)
+    masks.finalize_policies(model)
+    seconds = time.perf_counter() - t0
+
+    @torch.no_grad()
+    def accuracy(xs, ys) -> float:
+        model.eval()
+        correct = sum(int((model(xs[i:i + 2048]).argmax(1) == ys[i:i + 2048]).sum()) for i in range(0, len(xs), 2048))
+        return correct / len(xs)
+
+    val_x, val_y = _limit(splits.val_x, splits.val_y, args.val_limit)
+    test_x, test_y = _limit(splits.test_x, splits.test_y, args.test_limit)
+    kept = sum(int((policy.mask(layer) != 0).sum()) for layer in layers)
+    total_weights = sum(layer.scores.numel() for layer in layers)
+    return {"val_acc": float("nan") if diverged else accuracy(val_x, val_y),
+            "test_acc": float("nan") if diverged else accuracy(test_x, test_y),
+            "kept_fraction": kept / total_weights, "steps": step, "train_seconds": round(seconds, 2),
+            "diverged": diverged}
+
+
+def plot(record: dict, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("policy_sweep: matplotlib is not installed; no PNG written", file=sys.stderr)
+        return
+    tasks = record["config"]["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for policy in record["config"]["policies"]:
+            pts = [p for p in record["points"] if p["task"] == task and p["policy"] == policy]
+            densities = sorted({p["density"] for p in pts})
+            if not densities:
+                continue
+            # x: the kept fraction measured after training (supermask, gem_miner and threshold learn theirs)
+            kept = [mean_std(p["kept_fraction"] for p in pts if p["density"] == d)[0] for d in densities]
+            stats = [mean_std(p["test_acc"] for p in pts if p["density"] == d) for d in densities]
+            means = [100 * m for m, _ in stats]
+            spreads = [100 * s for _, s in stats]
+            ax.errorbar(kept, means, yerr=spreads, marker="o", capsize=3, label=policy)
+        ax.set_xscale("log")
+        ax.set_xlabel("fraction of weights kept (measured)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{task}: {record['config']['epochs']} epoch(s), seeds {record['config']['seeds']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_threads(args.threads)
+    folder = run_dir("policy_sweep", args.run, args.out)
+    config = {k: v for k, v in vars(args).items() if k not in ("run", "out")}
+    config["grids"] = {p: {"optimizer": GRIDS[p][0], "lrs": list(GRIDS[p][1][1:] if args.quick else GRIDS[p][1])}
+                       for p in args.policies}
+    results = Results(folder, config)
+    results.record["selection"] = []
+    for task in args.tasks:
+        _, dataset = TASKS[task]
+        splits = data.load(dataset).normalize()
+        for policy in args.policies:
+            lrs = config["grids"][policy]["lrs"]
+            best = None
+            for lr in lrs:  # the lr choice: seed 0 at --select-density, on the validation split
+                if len(lrs) == 1:
+                    best = (float("nan"), lr)
+                    break
+                run = train_one(task, policy, args.select_density, 0, lr, splits, args)
+                results.record["selection"].append({"task": task, "policy": policy, "lr": lr, **run})
+                results.write()
+                print(f"[select] {task} {policy} lr={lr:g} val {run['val_acc']:.4f}", flush=True)
+                if best is None or (run["val_acc"] == run["val_acc"] and run["val_acc"] > best[0]):
+                    best = (run["val_acc"], lr)
+            lr = best[1]
+            for density in args.densities:
+                for seed in args.seeds:
+                    run = train_one(task, policy, density, seed, lr, splits, args)
+                    results.add({"task": task, "policy": policy, "density": density, "seed": seed, "lr": lr, **run})
+                    print(f"{task} {policy} d={density:g} seed={seed} lr={lr:g} test {run['test_acc']:.4f} "
+                          f"kept {run['kept_fraction']:.3f} ({run['train_seconds']:.1f}s)", flush=True)
+    plot(results.record, folder / "policy_sweep.png")
+    results.finish()
+    print(f"wrote {folder / 'results.json'} and {folder / 'policy_sweep.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

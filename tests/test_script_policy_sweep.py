@@ -1,0 +1,59 @@
+"""scripts/policy_sweep.py --quick runs end to end (< 1 min on one core) and writes a complete results.json
+and a PNG; bad flags stop it with exit code 2 and a message naming the flag."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "policy_sweep.py"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("policy_sweep")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_every_policy_density_and_seed_is_there(quick_run):
+    record = json.loads((quick_run / "results.json").read_text())
+    assert record["status"] == "done" and record["wall_time_s"] > 0
+    cfg = record["config"]
+    assert cfg["quick"] is True and cfg["tasks"] == ["lenet300-mnist"] and cfg["densities"] == [0.1, 0.5]
+    assert set(cfg["policies"]) == {"layerwise", "supermask", "biprop", "signed", "iterand", "gem_miner", "threshold"}
+    keys = {(p["task"], p["policy"], p["density"], p["seed"]) for p in record["points"]}
+    assert keys == {("lenet300-mnist", pol, d, 0) for pol in cfg["policies"] for d in cfg["densities"]}
+    for p in record["points"]:
+        assert 0.0 <= p["test_acc"] <= 1.0 and 0.0 < p["kept_fraction"] <= 1.0 and p["steps"] == 20
+        if p["policy"] in ("layerwise", "biprop", "signed", "iterand"):
+            assert abs(p["kept_fraction"] - p["density"]) < 1e-3
+    # the lr of each policy is the grid point with the best validation accuracy
+    for policy in cfg["policies"]:
+        tried = [s for s in record["selection"] if s["policy"] == policy]
+        assert [s["lr"] for s in tried] == cfg["grids"][policy]["lrs"] and len(tried) == 2
+        chosen = {p["lr"] for p in record["points"] if p["policy"] == policy}
+        assert chosen == {max(tried, key=lambda s: s["val_acc"])["lr"]}
+    # even this tiny budget learns with the top-k rules at density 0.5 (chance: 0.10)
+    layerwise = next(p for p in record["points"] if p["policy"] == "layerwise" and p["density"] == 0.5)
+    assert layerwise["test_acc"] > 0.4
+    assert (quick_run / "policy_sweep.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--policies", "layerwise,popup", "--policies: unknown policy 'popup'"),
+    ("--densities", "0.5,2", r"--densities: every value must be in \[0.0001, 1.0\], got 2.0"),
+    ("--epochs", "0", "--epochs: must be >= 1, got 0"),
+    ("--select-density", "0", r"--select-density: must be in \(0, 1\], got 0.0"),
+])
+def test_bad_flags_exit_2_naming_the_flag(tmp_path, flag, value, message):
+    proc = subprocess.run([sys.executable, str(SCRIPT), flag, value, "--out", str(tmp_path / "x")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    import re
+    assert re.search(message, proc.stderr), proc.stderr
+    assert not (tmp_path / "x").exists()
