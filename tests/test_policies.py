@@ -528,3 +528,61 @@ def test_short_mnist_run_learns(mnist, name, options, optimizer, lr, floor):
         assert policy.redraws == step // 10
     if name == "gem_miner":
         assert sum(int(policy.mask(l).sum()) for l in layers) <= 0.5 * sum(l.scores.numel() for l in layers) + 1
+
+
+@pytest.mark.parametrize("name", ["layerwise", "global", "supermask", "biprop", "signed", "iterand", "gem_miner",
+                                  "threshold"])
+def test_linear_and_conv2d_agree_with_effective_weight(name):
+    """policy.linear / policy.conv2d (what the fused layers run) equal F.linear / F.conv2d over
+    policy.effective_weight (what parametrized tensors and to_dense use), forward and dS."""
+    lin, conv = _layer(bias=True), _conv()
+    for layer in (lin, conv):
+        policy = masks.make_policy(name, [layer], 0.4)
+        if name == "supermask":
+            with torch.no_grad():
+                layer.scores.copy_(_x(*layer.scores.shape, seed=8))
+            layer.eval()  # one fixed mask per call (training draws a new one per forward)
+        if name == "threshold":
+            with torch.no_grad():
+                layer.scores.copy_(_x(*layer.scores.shape, seed=8) * 0.01)
+        if layer is lin:
+            x = _x(4, 7)
+            fused = lambda x: policy.linear(layer, x)
+            plain = lambda x: F.linear(x, policy.effective_weight(layer), layer.bias)
+        else:
+            x = _x(2, 3, 5, 5)
+            fused = lambda x: policy.conv2d(layer, x)
+            plain = lambda x: F.conv2d(x, policy.effective_weight(layer), layer.bias, padding=1)
+        y1, ds1, dx1 = _grads(fused, layer, x)
+        y2, ds2, dx2 = _grads(plain, layer, x)
+        assert torch.allclose(y1, y2) and torch.allclose(ds1, ds2) and torch.allclose(dx1, dx2), (name, type(layer))
+        assert ds1.abs().sum() > 0
+
+
+def test_masked_weight_is_the_evaluation_weight_and_draws_nothing():
+    layer = _layer(out_f=20, in_f=10)
+    policy = masks.make_policy("supermask", [layer], 0.5, dynamic_scaling=True)
+    with torch.no_grad():
+        layer.scores.copy_(_x(20, 10, seed=9))
+    w1 = policy.masked_weight(layer)  # in training mode too: the fixed-key evaluation mask
+    assert policy._draws == {} and not w1.requires_grad
+    layer.eval()
+    assert torch.equal(w1, policy.effective_weight(layer).detach())
+    m = policy.mask(layer)
+    assert torch.allclose(w1, layer.weight * m * (m.numel() / m.sum()))
+    for name in ("biprop", "signed", "gem_miner", "threshold", "iterand"):
+        other = _layer(out_f=20, in_f=10)
+        p = masks.make_policy(name, [other], 0.5)
+        assert torch.equal(p.masked_weight(other), p.effective_weight(other).detach())
+
+
+@pytest.mark.parametrize("name", ["supermask", "gem_miner", "iterand"])
+def test_a_deep_copy_keeps_its_own_layer_keys(name):
+    """copy.deepcopy (to_dense) copies the policy with its layers: the copy's layers keep their numbers."""
+    layers = [_layer(seed=0), _layer(out_f=9, in_f=5, seed=1)]
+    policy = masks.make_policy(name, layers, 0.5)
+    twin_policy, twin_layers = copy.deepcopy((policy, layers))
+    assert [twin_policy.layer_index(l) for l in twin_layers] == [0, 1]
+    assert torch.equal(twin_policy.mask(twin_layers[1]), policy.mask(layers[1]))
+    with pytest.raises(ValueError, match="was not made for this layer"):
+        twin_policy.layer_index(layers[0])

@@ -9,6 +9,7 @@ trainer make without knowing which policy runs:
     policy.effective_weight(layer, W)   W_eff, carrying the policy's gradient to layer.scores
                                         (parametrized weights, to_dense, tests)
     policy.mask(layer)                  the current mask, no gradient: bool, or int8 {-1, 0, 1} (signed)
+    policy.masked_weight(layer, W)      W_eff of the found subnetwork, no gradient (to_dense)
     policy.after_step(layers, step) / on_epoch_end(layers, epoch) / finalize(layers)
                                         the trainer's hooks: after every optimizer step (`step` = optimizer
                                         steps done so far, 1-based), after every epoch (`epoch` = epochs
@@ -56,6 +57,11 @@ class MaskPolicy:
         """W ⊙ M with edge-popup's straight-through gradient dS = sign(S) ⊙ W ⊙ g (the fused op)."""
         return ops.apply_mask(self._weight(layer, weight), layer.scores, self.threshold(layer),
                               abs_scores=layer.abs_scores, backend=layer.backend)
+
+    @torch.no_grad()
+    def masked_weight(self, layer, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """W_eff of the found subnetwork, without gradient (to_dense, tickets): the evaluation-mode weight."""
+        return self.effective_weight(layer, weight).detach()
 
     def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
         """A MaskedLinear's output X W_effᵀ (+ b)."""
@@ -222,11 +228,16 @@ class LayerSetPolicy(MaskPolicy):
 
     def layer_index(self, layer) -> int:
         """The layer's number in this policy (its key in random draws)."""
-        try:
-            return self._index[id(layer)]
-        except KeyError:
+        index = self._index.get(id(layer))
+        if index is None or self.layers[index] is not layer:
+            # a deep copy of the model (to_dense, copy.deepcopy) copies this policy and its layer list, but
+            # not the ids this table is keyed by: rebuild it from the list
+            self._index = {id(l): i for i, l in enumerate(self.layers)}
+            index = self._index.get(id(layer))
+        if index is None:
             raise ValueError(f"mask policy {self.name!r} was not made for this layer "
-                             f"({type(layer).__name__} with scores {tuple(layer.scores.shape)})") from None
+                             f"({type(layer).__name__} with scores {tuple(layer.scores.shape)})")
+        return index
 
     def state_dict(self) -> dict:
         return {"name": self.name, "options": dict(self.options), "density": self.density}

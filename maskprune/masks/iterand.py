@@ -26,6 +26,7 @@ Defaults: period 300, prob 0.1, rate 1.0, seed 0, base "layerwise".
 from __future__ import annotations
 
 import math
+import struct
 from typing import Mapping, Sequence
 
 import torch
@@ -87,7 +88,8 @@ class IteRand(LayerSetPolicy):
                 std = rng._relu_std(tuple(weight.shape), getattr(layer, "density", self.density),
                                     bool(getattr(layer, "scale_fan", False)))
                 scale = math.sqrt(3.0) * std if kind == "kaiming_uniform" else std
-            self._inits.append((kind, float(torch.tensor(scale, dtype=torch.float32))))
+            # rounded to float32 in plain Python: a model built under torch.device("meta") makes no real tensor
+            self._inits.append((kind, struct.unpack("f", struct.pack("f", scale))[0]))
         self.redraws = 0
         self.last_redraw_step = 0
 
@@ -100,6 +102,9 @@ class IteRand(LayerSetPolicy):
 
     def effective_weight(self, layer, weight: torch.Tensor | None = None) -> torch.Tensor:
         return self.base.effective_weight(layer, weight)
+
+    def masked_weight(self, layer, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return self.base.masked_weight(layer, weight)
 
     def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
         return self.base.linear(layer, x)

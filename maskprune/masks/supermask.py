@@ -146,6 +146,16 @@ class Supermask(LayerSetPolicy):
         return linear_out(x, self.effective_weight(layer), layer.bias)
 
     @torch.no_grad()
+    def masked_weight(self, layer, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """W_eff with the evaluation mask, whatever the layer's mode (draws nothing new)."""
+        weight = self._weight(layer, weight)
+        m = self._mask_value(layer, training=False)
+        w_eff = weight * m.to(weight.dtype)
+        if self.dynamic_scaling:
+            w_eff = w_eff * (m.numel() / m.sum().clamp_min(1.0)).to(weight.dtype)
+        return w_eff
+
+    @torch.no_grad()
     def mask(self, layer) -> torch.Tensor:
         """The evaluation mask (what mask_stats and to_dense report); draws nothing new."""
         u = self._u(layer, training=False)
