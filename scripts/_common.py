@@ -128,10 +128,11 @@ def check_minimum(parser, args, minimums: dict) -> None:
 
 
 def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
-        epochs: int, batch_size: int, loss_fn, seed: int) -> float:
+        epochs: int, batch_size: int, loss_fn, seed: int, history: list | None = None) -> float:
     """Minibatch training with the trainer's per-step cosine schedule; returns the last epoch's mean loss.
 
-    The order of examples depends only on (seed, epoch), as in maskprune.train.
+    The order of examples depends only on (seed, epoch), as in maskprune.train. When `history` is a list,
+    each epoch's mean training loss is appended to it (a convergence curve; nan once the loss diverged).
     """
     from maskprune.train import lr_factor
 
@@ -154,7 +155,11 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tenso
             loss_sum += loss.item() * len(idx)
             seen += len(idx)
             if not np.isfinite(loss_sum):
+                if history is not None:
+                    history.append(float("nan"))
                 return float("nan")
+        if history is not None:
+            history.append(loss_sum / max(seen, 1))
     return loss_sum / max(seen, 1)
 
 

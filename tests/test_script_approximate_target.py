@@ -72,3 +72,49 @@ def test_bad_options_exit_2_naming_the_flag(argv, message, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert not any(tmp_path.iterdir()), "nothing is written for a rejected command"
+
+
+def test_theorem_setting_meets_the_assumptions(script, tmp_path):
+    """--setting theorem: inputs in the unit ball, target layers of spectral norm <= 1 (same predictions),
+    U[-1, 1] random weights, eps = max over test inputs of |f_sub - f_target|, exponents labelled."""
+    results = script.main(["--quick", "--setting", "theorem", "--out", str(tmp_path), "--run", "t", "--no-bar",
+                           "--limit-train", "500", "--limit-test", "300", "--construct-widths", "1,4",
+                           "--targets", "l2"])
+    saved = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert saved["config"]["setting"] == "theorem" and saved["config"]["variants"] == "single:1,greedy:1"
+    t = saved["targets"]["l2"]
+    assert t["setting"] == "theorem" and t["input_scale"] > 1
+    assert t["test_input_norm_max"] <= 1 + 1e-5
+    assert all(n <= 1 + 1e-4 for n in t["spectral_norms_after"])
+    assert all(a <= 1 + 1e-4 for a in t["weight_abs_max_rescaled"])
+    pts = saved["points"]
+    assert pts and all(p["kind"] == "construct" and p["scale"] == 1.0 for p in pts)
+    for p in pts:
+        assert p["rel_max_err"] == pytest.approx(p["max_abs_err"] / t["target_abs_max_on_test"])
+        assert p["max_abs_err"] >= p["mean_abs_err"] >= 0
+    labels = saved["exponent_labels"]
+    assert labels["paper_eps_exponent"].startswith("assumed") and labels["fitted_exponent_max"].startswith("measured")
+    assert saved["width_needed"]["l2/single:1"]["eps_key"] == "rel_max_err"
+    assert results["points"] == pts
+
+
+def test_theorem_target_is_the_same_function_up_to_a_positive_factor(script):
+    import torch
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(5, 3, bias=False)]
+    with torch.no_grad():
+        layers[0].weight.mul_(10)
+    fn, info = script.theorem_target(layers, input_scale=4.0)
+    x = torch.randn(20, 6)
+    ref = layers[1](torch.relu(layers[0](x)))
+    assert torch.allclose(fn(x / 4.0), ref * info["output_factor"], atol=1e-5)
+    assert info["output_factor"] < 1 and max(info["spectral_norms_after"]) <= 1 + 1e-5
+
+
+def test_theorem_setting_rejects_learned_masks(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--setting", "theorem", "--learn-targets", "l2",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--learn-targets: learned masks are not run with --setting theorem" in proc.stderr
+    assert not any(tmp_path.iterdir())
