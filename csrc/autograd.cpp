@@ -87,20 +87,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_grads(AutogradContext* ctx
   return {grad_x, grad_scores, grad_bias};
 }
 
-// masked_linear(x, weight, scores, t, bias, abs_scores). On CPU the forward keeps W ⊙ M for dX (one mask
-// pass per step, not two); elsewhere the masked_linear op runs (fused GEMMs on CUDA).
+// masked_linear(x, weight, scores, t, bias, abs_scores). The forward keeps W ⊙ M for dX (one mask pass per
+// step, not two), on CPU and CUDA alike.
 struct MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const at::Tensor& scores, const at::Tensor& t, const std::optional<at::Tensor>& bias,
                             bool abs_scores) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    if (x.device().is_cpu()) {
-      auto [y, w_eff] = masked_linear_keeping_weight(x, weight, scores, t, bias, abs_scores);
-      save_linear(ctx, x, weight, scores, t, w_eff, bias, abs_scores);
-      return y;
-    }
-    save_linear(ctx, x, weight, scores, t, at::Tensor(), bias, abs_scores);
-    return call_masked_linear(x, weight, scores, t, bias, abs_scores);
+    // On every device: the mask pass builds W ⊙ M once, the platform GEMM (MKL/oneDNN, cuBLAS) runs on
+    // it, and the backward's dX reuses it (docs/design.md §3: the mask once per step).
+    auto [y, w_eff] = masked_linear_keeping_weight(x, weight, scores, t, bias, abs_scores);
+    save_linear(ctx, x, weight, scores, t, w_eff, bias, abs_scores);
+    return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -121,16 +119,11 @@ struct MaskedLinearTopKFunction : public torch::autograd::Function<MaskedLinearT
     at::Tensor y, t;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      if (x.device().is_cpu()) {
-        at::Tensor w_eff, signs;
-        std::tie(y, t, w_eff) =
-            masked_linear_topk_keeping_weight(x, weight, scores, density, bias, abs_scores, hint,
-                                              with_signs ? &signs : nullptr);
-        save_linear(ctx, x, weight, scores, t, w_eff, bias, abs_scores, signs);
-      } else {
-        std::tie(y, t) = masked_linear_topk(x, weight, scores, density, bias, abs_scores, hint);
-        save_linear(ctx, x, weight, scores, t, at::Tensor(), bias, abs_scores);
-      }
+      at::Tensor w_eff, signs;  // signs: packed on CPU only (signs_usable)
+      std::tie(y, t, w_eff) =
+          masked_linear_topk_keeping_weight(x, weight, scores, density, bias, abs_scores, hint,
+                                            with_signs ? &signs : nullptr);
+      save_linear(ctx, x, weight, scores, t, w_eff, bias, abs_scores, signs);
     }
     ctx->mark_non_differentiable({t});
     return {y, t};

@@ -1,6 +1,8 @@
-// masked_linear (also with its threshold found in the same call) and its backward as device-generic composites: the fused mask pass (apply_mask)
-// feeds the platform GEMM (MKL/oneDNN on CPU, cuBLAS on CUDA), and the weight-gradient GEMM feeds
-// the fused score-gradient pass. A backend with fully fused GEMMs overrides these per device.
+// masked_linear (also with its threshold found in the same call) and its backward as device-generic composites:
+// the fused mask pass (apply_mask) writes W ⊙ M once in x's dtype and feeds the platform GEMM (MKL/oneDNN on
+// CPU, cuBLAS on CUDA), and the weight-gradient GEMM feeds the fused score-gradient pass (in place). CUDA
+// uses these too: a hand-written masked GEMM that applies the mask inside its main loop was estimated at
+// 5-10x cuBLAS's time (docs/design.md §3), the mask pass costs ~8 bytes per weight once per step.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>

@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_topk_keeping_weight
     at::Tensor* signs = nullptr);
 
 // masked_linear_topk below autograd (e.g. under inference_mode): (Y, t). On CPU threshold_and_mask + GEMM,
-// elsewhere the threshold and masked_linear ops (so that CUDA keeps its fused GEMM).
+// elsewhere the threshold and masked_linear ops (a device may register its own masked_linear).
 std::tuple<at::Tensor, at::Tensor> masked_linear_topk(const at::Tensor& x, const at::Tensor& weight,
                                                       const at::Tensor& scores, double density,
                                                       const std::optional<at::Tensor>& bias, bool abs_scores,

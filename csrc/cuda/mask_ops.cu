@@ -1,15 +1,16 @@
 // CUDA kernels: radix-select threshold (no sort, no host synchronisation), the fused mask pass and
 // the fused score-gradient pass. Results equal the CPU kernels' (cpu/mask_ops.cpp) bit for bit.
 //
-// threshold / global_threshold launch, on the current stream, for each 16-bit digit of the key
-// (2 digits for float32, 4 for float64), from the most significant down:
-//   radix_histogram_kernel  once per score tensor: counts the digit of the keys whose higher digits
-//                           equal the prefix chosen so far (all keys in the first pass), into that
-//                           pass's 65536-bin histogram and a 256-bin coarse one (the digit's top byte);
-//   radix_scan_kernel       one warp: walks the coarse bins, then the 256 fine bins of the coarse bin
-//                           found, from the top down to the bin holding the rank-th largest key;
-//                           appends that digit to the prefix, keeps the rank left within the bin, and
-//                           after the last digit writes t = decode(prefix).
+// threshold / global_threshold launch, on the current stream, for each 11-bit digit of the key
+// (11 + 11 + 10 bits for float32, 5 x 11 + 9 for float64), from the most significant down:
+//   radix_histogram_kernel  once per score tensor: each block counts, in a 2048-bin histogram in its
+//                           shared memory, the digit of the keys whose higher digits equal the prefix
+//                           chosen so far (all keys in the first pass); keys sharing a digit within a
+//                           warp are one shared-memory atomic; the block then adds its non-zero bins to
+//                           that pass's global histogram (at most 2048 global atomics per block);
+//   radix_scan_kernel       one warp: walks the 2048 bins from the top down to the bin holding the
+//                           rank-th largest key; appends that digit to the prefix, keeps the rank left
+//                           within the bin, and after the last digit writes t = decode(prefix).
 // All state (histograms, prefix, rank, non-finite count) lives in one zero-initialised device buffer.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -29,12 +30,8 @@
 namespace maskprune {
 namespace {
 
-constexpr int kRadixBits = 16;
-constexpr int kBins = 1 << kRadixBits;
-constexpr int kCoarseBits = 8;
-constexpr int kCoarse = 1 << kCoarseBits;      // coarse bin = digit >> (kRadixBits - kCoarseBits)
-constexpr int kFinePerCoarse = kBins / kCoarse;  // 256 fine bins under each coarse bin
-constexpr int kPassSlots = kBins + kCoarse;      // one pass's fine then coarse histogram
+constexpr int kRadixBits = 11;
+constexpr int kBins = 1 << kRadixBits;  // 2048 counters: 8 KB of shared memory per histogram block
 constexpr int kHistThreads = 256;
 constexpr int kElementwiseThreads = 256;
 constexpr int kVec = 4;  // elements per thread-iteration in the elementwise kernels when aligned
@@ -66,6 +63,13 @@ template <> __device__ __forceinline__ double from_bits<double>(uint64_t raw) {
 __device__ __forceinline__ float abs_of(float v) { return fabsf(v); }
 __device__ __forceinline__ double abs_of(double v) { return fabs(v); }
 
+// The digits of a key, top down: pass p covers bits [shift, top) with top = bits - kRadixBits * p.
+MP_HOST_DEVICE constexpr int radix_passes(int bits) { return (bits + kRadixBits - 1) / kRadixBits; }
+MP_HOST_DEVICE constexpr int digit_top(int bits, int pass) { return bits - kRadixBits * pass; }
+MP_HOST_DEVICE constexpr int digit_shift(int bits, int pass) {
+  return digit_top(bits, pass) > kRadixBits ? digit_top(bits, pass) - kRadixBits : 0;
+}
+
 int max_blocks(int threads) {
   const auto* props = at::cuda::getCurrentDeviceProperties();
   return props->multiProcessorCount * (props->maxThreadsPerMultiProcessor / threads);
@@ -81,44 +85,43 @@ bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p
 // ---------------------------------------------------------------------------------------------
 // Radix select.
 
-// Adds one key to the fine (global) and coarse (this block's shared) histograms: keys sharing a
-// digit within a warp are counted by one atomic (__match_any_sync), which keeps tied or clustered
-// scores from serialising on one bin. Every lane of the warp must call this together (it votes);
-// `want` says whether its key counts.
-__device__ __forceinline__ void count_digit(counter_t* hist, unsigned* coarse, bool want, unsigned digit) {
+// Counts one key's digit in the block's shared-memory histogram: keys sharing a digit within a warp
+// are counted by one shared atomic (__match_any_sync), which keeps tied or clustered scores (whose
+// top digits crowd into a few bins) from serialising on one counter. Every lane of the warp must call
+// this together (it votes); `want` says whether its key counts.
+__device__ __forceinline__ void count_digit(unsigned* bins, bool want, unsigned digit) {
   const unsigned active = __ballot_sync(kFullMask, want);
   if (want) {
     const unsigned peers = __match_any_sync(active, digit);
-    if ((threadIdx.x & 31) == __ffs(peers) - 1) {
-      atomicAdd(hist + digit, static_cast<counter_t>(__popc(peers)));
-      atomicAdd(coarse + (digit >> (kRadixBits - kCoarseBits)), static_cast<unsigned>(__popc(peers)));
-    }
+    if ((threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(bins + digit, static_cast<unsigned>(__popc(peers)));
   }
 }
 
-// Histogram of digit `pass` of the keys whose higher digits equal the prefix found so far.
-// V elements per thread (one 128-bit load when V > 1); the loop bounds are block-uniform so that
-// whole warps vote in count_digit. Pass 0 also counts non-finite scores.
+// Histogram of digit `pass` of the keys whose higher digits equal the prefix found so far, in shared
+// memory per block, added to the global histogram once at the end. V elements per thread (one 128-bit
+// load when V > 1); the loop bounds are block-uniform so that whole warps vote in count_digit. Pass 0
+// also counts non-finite scores.
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kHistThreads)
     radix_histogram_kernel(const scalar_t* __restrict__ data, int64_t n, bool abs_scores, int pass,
                            counter_t* __restrict__ hist, counter_t* __restrict__ state) {
   using K = KeyBits<scalar_t>;
   using U = typename K::type;
-  const int shift = K::bits - kRadixBits * (pass + 1);
-  const U high_mask = pass == 0 ? U(0) : (~U(0) << (K::bits - kRadixBits * pass));
+  const int top = digit_top(K::bits, pass), shift = digit_shift(K::bits, pass);
+  const U high_mask = pass == 0 ? U(0) : (~U(0) << top);
   const U prefix = pass == 0 ? U(0) : static_cast<U>(state[kPrefix]);
+  const unsigned digit_mask = (1u << (top - shift)) - 1u;
   counter_t nonfinite = 0;
-  __shared__ unsigned coarse[kCoarse];  // a block counts far fewer than 2^32 keys
-  for (int b = threadIdx.x; b < kCoarse; b += blockDim.x) coarse[b] = 0;
+  __shared__ unsigned bins[kBins];  // a block counts far fewer than 2^32 keys
+  for (int b = threadIdx.x; b < kBins; b += blockDim.x) bins[b] = 0;
   __syncthreads();
 
   auto count = [&](scalar_t value, bool valid) {
     const U raw = bits_of(value);
     if (pass == 0) nonfinite += (valid && (raw & K::exponent) == K::exponent);
     const U key = encode_key<U, K::sign>(raw, abs_scores);
-    const auto digit = static_cast<unsigned>((key >> shift) & (kBins - 1));
-    count_digit(hist, coarse, valid && (key & high_mask) == prefix, digit);
+    const auto digit = static_cast<unsigned>(key >> shift) & digit_mask;
+    count_digit(bins, valid && (key & high_mask) == prefix, digit);
   };
 
   const int64_t n_vec = n / V;
@@ -139,8 +142,8 @@ __global__ void __launch_bounds__(kHistThreads)
   }
   if (nonfinite) atomicAdd(state + kNonfinite, nonfinite);
   __syncthreads();
-  for (int b = threadIdx.x; b < kCoarse; b += blockDim.x) {
-    if (coarse[b]) atomicAdd(hist + kBins + b, static_cast<counter_t>(coarse[b]));
+  for (int b = threadIdx.x; b < kBins; b += blockDim.x) {
+    if (bins[b]) atomicAdd(hist + b, static_cast<counter_t>(bins[b]));
   }
 }
 
@@ -155,23 +158,19 @@ __device__ __forceinline__ counter_t warp_inclusive_sum(counter_t v) {
   return v;
 }
 
-// Walks 256 counts from the last (highest bin) down; returns the first index at which the keys
-// counted so far (above + these counts) reach rank, and adds the counts above that index to `above`.
-// Called by a whole warp; every lane gets the same answer.
+// Walks the kBins counts from the last (highest bin) down, 32 at a time; returns the first index at
+// which the keys counted so far (above + these counts) reach rank, and adds the counts above that
+// index to `above`. Called by a whole warp; every lane gets the same answer.
 __device__ __forceinline__ int warp_find_bin(const counter_t* __restrict__ counts, counter_t rank, counter_t& above) {
-  constexpr int rounds = 256 / 32;
   const int lane = threadIdx.x & 31;
-  counter_t c[rounds];
-#pragma unroll
-  for (int r = 0; r < rounds; ++r) c[r] = counts[255 - (r * 32 + lane)];  // all loads in flight at once
-#pragma unroll
-  for (int r = 0; r < rounds; ++r) {
-    const counter_t inclusive = warp_inclusive_sum(c[r]);  // keys in bins 255 - r*32 down to this lane's
+  for (int r = 0; r < kBins / 32; ++r) {
+    const counter_t c = counts[kBins - 1 - (r * 32 + lane)];
+    const counter_t inclusive = warp_inclusive_sum(c);  // keys in bins kBins-1 - r*32 down to this lane's
     const unsigned hit = __ballot_sync(kFullMask, above + inclusive >= rank);
     if (hit) {
       const int first = __ffs(hit) - 1;
-      above += __shfl_sync(kFullMask, inclusive - c[r], first);
-      return 255 - (r * 32 + first);
+      above += __shfl_sync(kFullMask, inclusive - c, first);
+      return kBins - 1 - (r * 32 + first);
     }
     above += __shfl_sync(kFullMask, inclusive, 31);
   }
@@ -179,23 +178,21 @@ __device__ __forceinline__ int warp_find_bin(const counter_t* __restrict__ count
 }
 
 // One warp. rank is the 1-based rank (largest first) of the answer among the keys with the current
-// prefix; finds the largest digit d with (#keys with digit >= d) >= rank, via the coarse histogram.
+// prefix; finds the largest digit d with (#keys with digit >= d) >= rank.
 template <typename scalar_t>
 __global__ void __launch_bounds__(32)
     radix_scan_kernel(const counter_t* __restrict__ hist, counter_t* __restrict__ state, int pass, int64_t n_keep,
                       bool abs_scores, scalar_t* __restrict__ out) {
   using K = KeyBits<scalar_t>;
   using U = typename K::type;
-  constexpr int passes = K::bits / kRadixBits;
+  constexpr int passes = radix_passes(K::bits);
   const counter_t rank = pass == 0 ? static_cast<counter_t>(n_keep) : state[kRank];
   const U prefix = pass == 0 ? U(0) : static_cast<U>(state[kPrefix]);
   counter_t above = 0;  // keys with the prefix in bins above the one being examined
-  const int coarse = warp_find_bin(hist + kBins, rank, above);
-  CUDA_KERNEL_ASSERT(coarse >= 0 && "radix select: histogram holds fewer keys than the rank");
-  const int fine = warp_find_bin(hist + coarse * kFinePerCoarse, rank, above);
-  CUDA_KERNEL_ASSERT(fine >= 0 && "radix select: coarse and fine histograms disagree");
+  const int digit = warp_find_bin(hist, rank, above);
+  CUDA_KERNEL_ASSERT(digit >= 0 && "radix select: histogram holds fewer keys than the rank");
   if (threadIdx.x != 0) return;
-  const U key_prefix = prefix | (static_cast<U>(coarse * kFinePerCoarse + fine) << (K::bits - kRadixBits * (pass + 1)));
+  const U key_prefix = prefix | (static_cast<U>(digit) << digit_shift(K::bits, pass));
   state[kPrefix] = key_prefix;
   state[kRank] = rank - above;  // rank left among the keys of the chosen bin
   if (pass == passes - 1) {
@@ -243,13 +240,13 @@ at::Tensor threshold_of(const std::vector<at::Tensor>& scores, double density, b
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   auto out = at::empty({}, scores[0].options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "maskprune_threshold_cuda", [&] {
-    constexpr int passes = KeyBits<scalar_t>::bits / kRadixBits;
-    // One zeroed buffer: fine and coarse histograms per pass, then the select state.
-    auto buffer = at::zeros({passes * kPassSlots + kStateSlots}, scores[0].options().dtype(at::kLong));
+    constexpr int passes = radix_passes(KeyBits<scalar_t>::bits);
+    // One zeroed buffer: a histogram per pass, then the select state.
+    auto buffer = at::zeros({passes * kBins + kStateSlots}, scores[0].options().dtype(at::kLong));
     auto* base = reinterpret_cast<counter_t*>(buffer.data_ptr<int64_t>());
-    counter_t* state = base + passes * kPassSlots;
+    counter_t* state = base + passes * kBins;
     for (int pass = 0; pass < passes; ++pass) {
-      counter_t* hist = base + static_cast<int64_t>(pass) * kPassSlots;
+      counter_t* hist = base + static_cast<int64_t>(pass) * kBins;
       for (const auto& s : contiguous) launch_histogram<scalar_t>(s, abs_scores, pass, hist, state, stream);
       radix_scan_kernel<scalar_t><<<1, 32, 0, stream>>>(hist, state, pass, n_keep, abs_scores,
                                                          out.mutable_data_ptr<scalar_t>());
@@ -260,7 +257,7 @@ at::Tensor threshold_of(const std::vector<at::Tensor>& scores, double density, b
 }
 
 // t = the n_keep-th largest key. Non-finite scores give t = NaN (the CPU kernel raises instead; raising
-// here would need a host synchronisation, so maskprune/ops.py checks finiteness on CUDA). The
+// here would need a host synchronisation, so maskprune/ops.py checks t on the device, torch._assert_async). The
 // selection is fast enough on the GPU that the hint (used by the CPU kernel) is not needed here.
 at::Tensor threshold_cuda(const at::Tensor& scores, double density, bool abs_scores,
                           const std::optional<at::Tensor>& hint) {
