@@ -20,8 +20,6 @@ Defaults: no options beyond the density; scores as the layer initialised them (t
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from .. import ops
