@@ -206,16 +206,13 @@ def main(argv=None) -> int:
         splits = data.load(dataset).normalize()
         for policy in args.policies:
             lrs = config["grids"][policy]["lrs"]
-            best = None
-            for lr in lrs:  # the lr choice: seed 0 at --select-density, on the validation split
-                if len(lrs) == 1:
-                    best = (float("nan"), lr)
-                    break
+            best = (-1.0, lrs[len(lrs) // 2])  # kept if every grid point diverges (NaN never compares greater)
+            for lr in lrs if len(lrs) > 1 else ():  # the lr choice: seed 0 at --select-density, on validation
                 run = train_one(task, policy, args.select_density, 0, lr, splits, args)
                 results.record["selection"].append({"task": task, "policy": policy, "lr": lr, **run})
                 results.write()
                 print(f"[select] {task} {policy} lr={lr:g} val {run['val_acc']:.4f}", flush=True)
-                if best is None or (run["val_acc"] == run["val_acc"] and run["val_acc"] > best[0]):
+                if run["val_acc"] > best[0]:
                     best = (run["val_acc"], lr)
             lr = best[1]
             for density in args.densities:
