@@ -515,30 +515,38 @@ def summarize_convergence(points: list[dict]) -> dict:
     and whether the rankings of consecutive budgets differ."""
     out = {}
     for task in sorted({p["task"] for p in points if p["role"] == "convergence"}):
-        conv = [p for p in points if p["role"] == "convergence" and p["task"] == task]
-        budgets = sorted({p["epochs"] for p in conv})
-        per_budget = {}
-        for e in budgets:
-            sel = [p for p in conv if p["epochs"] == e]
-            per_budget[str(e)] = {
-                "width": sel[0]["width"],
-                "methods": {p["method"]: {"lr": p["lr"], "train_loss": p["train_loss"], "val_acc": p["val_acc"],
-                                          "test_acc": p["test_acc"], "history": p["train_loss_history"]}
-                            for p in sel},
-                "rank_by_train_loss": [p["method"] for p in sorted(
-                    sel, key=lambda p: p["train_loss"] if math.isfinite(p["train_loss"]) else math.inf)],
-                "rank_by_test_acc": [p["method"] for p in sorted(sel, key=lambda p: -_finite(p["test_acc"]))]}
-        changes = []
-        for a, b in zip(budgets, budgets[1:]):
-            ra, rb = per_budget[str(a)], per_budget[str(b)]
-            common = [m for m in ra["rank_by_train_loss"] if m in rb["rank_by_train_loss"]]
-            changes.append({"from": a, "to": b,
-                            "train_loss_ranking_changed": [m for m in ra["rank_by_train_loss"] if m in common]
-                            != [m for m in rb["rank_by_train_loss"] if m in common],
-                            "test_acc_ranking_changed": [m for m in ra["rank_by_test_acc"] if m in common]
-                            != [m for m in rb["rank_by_test_acc"] if m in common]})
-        out[task] = {"budgets": per_budget, "ranking_changes": changes}
+        widths = sorted({p["width"] for p in points if p["role"] == "convergence" and p["task"] == task})
+        per_width = {w: _convergence_at([p for p in points if p["role"] == "convergence" and p["task"] == task
+                                         and p["width"] == w]) for w in widths}
+        out[task] = dict(per_width[widths[-1]], width=widths[-1],
+                         other_widths={str(w): per_width[w] for w in widths[:-1]})
     return out
+
+
+def _convergence_at(conv: list[dict]) -> dict:
+    """The convergence summary of one task and width (see summarize_convergence)."""
+    budgets = sorted({p["epochs"] for p in conv})
+    per_budget = {}
+    for e in budgets:
+        sel = [p for p in conv if p["epochs"] == e]
+        per_budget[str(e)] = {
+            "width": sel[0]["width"],
+            "methods": {p["method"]: {"lr": p["lr"], "train_loss": p["train_loss"], "val_acc": p["val_acc"],
+                                      "test_acc": p["test_acc"], "history": p["train_loss_history"]}
+                        for p in sel},
+            "rank_by_train_loss": [p["method"] for p in sorted(
+                sel, key=lambda p: p["train_loss"] if math.isfinite(p["train_loss"]) else math.inf)],
+            "rank_by_test_acc": [p["method"] for p in sorted(sel, key=lambda p: -_finite(p["test_acc"]))]}
+    changes = []
+    for a, b in zip(budgets, budgets[1:]):
+        ra, rb = per_budget[str(a)], per_budget[str(b)]
+        common = [m for m in ra["rank_by_train_loss"] if m in rb["rank_by_train_loss"]]
+        changes.append({"from": a, "to": b,
+                        "train_loss_ranking_changed": [m for m in ra["rank_by_train_loss"] if m in common]
+                        != [m for m in rb["rank_by_train_loss"] if m in common],
+                        "test_acc_ranking_changed": [m for m in ra["rank_by_test_acc"] if m in common]
+                        != [m for m in rb["rank_by_test_acc"] if m in common]})
+    return {"budgets": per_budget, "ranking_changes": changes}
 
 
 def plot_theorem(record: dict, path: Path) -> None:
@@ -661,8 +669,22 @@ def main_theorem(args) -> Path:
         results.record["environment"] = records[0]["environment"]
         results.record["parts"] = [{"file": f, "config": r["config"], "wall_time_s": r.get("wall_time_s"),
                                     "status": r.get("status")} for f, r in zip(args.combine, records)]
-        for r in records:
-            results.record["points"].extend(r["points"])
+        # a later file's lr search for a (task, method, width) replaces an earlier file's (e.g. a rerun with a wider
+        # grid); convergence runs are kept from every file (they are told apart by width)
+        keep: dict[tuple, int] = {}
+        for i, r in enumerate(records):
+            for p in r["points"]:
+                if p["role"] in ("search", "seed"):
+                    keep[(p["task"], p["method"], p["width"])] = i
+        replaced = set()
+        for i, r in enumerate(records):
+            for p in r["points"]:
+                key = (p["task"], p["method"], p["width"])
+                if p["role"] in ("search", "seed") and keep[key] != i:
+                    replaced.add((args.combine[i], *key))
+                    continue
+                results.record["points"].append(p)
+        results.record["replaced_searches"] = sorted(list(k) for k in replaced)
         _refresh(results, folder)
         results.finish(wall_time_parts_s=sum(r.get("wall_time_s", 0.0) for r in records))
         print(f"wrote {results.path} and {folder / 'width_sweep.png'} ({len(results.points)} points)")

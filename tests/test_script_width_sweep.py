@@ -171,3 +171,22 @@ def test_theorem_mode_bad_options_exit_2_naming_the_flag(argv, message, tmp_path
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "never").exists()
+
+
+def test_theorem_mode_combine_lets_a_later_search_replace_an_earlier_one(theorem_run, tmp_path):
+    """--combine: a later file's lr search for a (task, method, width) replaces an earlier file's."""
+    first = json.loads((theorem_run / "results.json").read_text())
+    later = dict(first, points=[dict(p, lr_grid=p["lr_grid"] + [9.0]) for p in first["points"]
+                                if p["method"] == "neuron" and p["width"] == 16 and p["role"] != "convergence"])
+    later_file = tmp_path / "later.json"
+    later_file.write_text(json.dumps(later))
+    out = tmp_path / "combined"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--mode", "theorem", "--combine",
+                           f"{theorem_run / 'results.json'},{later_file}", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "results.json").read_text())
+    neuron16 = [p for p in record["points"] if p["method"] == "neuron" and p["width"] == 16 and p["role"] != "convergence"]
+    assert neuron16 and all(9.0 in p["lr_grid"] for p in neuron16)
+    assert len(record["points"]) == len(first["points"])
+    assert record["convergence"]["mnist"]["width"] == 32 and record["status"] == "done"
