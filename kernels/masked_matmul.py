@@ -49,7 +49,7 @@ def gemm_configs(interpret: bool = INTERPRET) -> list:
         _config(64, 128, 32, 4, 4),
         _config(128, 32, 32, 4, 4),
         _config(64, 32, 32, 5, 2),
-        _config(32, 64, 32, 5, 2),
+        _config(32, 64, 32, 5, 4),
     ]
 
 
