@@ -81,9 +81,18 @@ def shared_memory_estimate(config: triton.Config, left_bytes: int, right_bytes: 
     return config.num_stages * per_stage
 
 
+def spills_with_fp32(config: triton.Config) -> bool:
+    """Whether a config spills registers with 4-byte (float32/TF32) operands: at 4 warps, a BLOCK_K x 256
+    (or 64 x 128) operand tile does on sm_90 (64x256x32 GEMM: 280 B, 128x64x64 dS: 168 B; compile table)."""
+    kw = config.kwargs
+    return config.num_warps <= 4 and kw["BLOCK_K"] * max(kw["BLOCK_R"], kw["BLOCK_C"]) >= 8192
+
+
 def fitting_configs(configs: list, left_bytes: int, right_bytes: int, limit: int) -> list:
-    """The configs whose estimate fits `limit` bytes; the smallest config if none does."""
-    kept = [c for c in configs if shared_memory_estimate(c, left_bytes, right_bytes) <= limit]
+    """The configs whose shared-memory estimate fits `limit` bytes (and, with 4-byte operands, that do not
+    spill); the smallest config if none does."""
+    kept = [c for c in configs if shared_memory_estimate(c, left_bytes, right_bytes) <= limit
+            and not (max(left_bytes, right_bytes) >= 4 and spills_with_fp32(c))]
     return kept or [min(configs, key=lambda c: shared_memory_estimate(c, left_bytes, right_bytes))]
 
 

@@ -300,7 +300,7 @@ def _demangle(names: list) -> dict:
 
 def _short(demangled: str) -> str:
     """`void maskprune::(anonymous namespace)::radix_histogram_kernel<float, 4>(...)` -> radix_histogram_kernel<float, 4>."""
-    head = demangled.split("(")[0].replace("void ", "")
+    head = demangled.replace("(anonymous namespace)::", "").split("(")[0].replace("void ", "")
     name = head.split("::")[-1] if "<" not in head else head[head.rfind("::", 0, head.index("<")) + 2:]
     return name
 

@@ -199,3 +199,45 @@ def test_bad_inputs(device):
         masked_linear_grad_scores(grad_out[:3], x, weight, scores)
     with pytest.raises(ValueError, match=r"must match weight \[N, K\] = \(5, 5\)"):
         masked_linear_grad_scores(grad_out, x, weight[:, :5], scores[:, :5])
+
+
+def test_autotune_pruning_and_batch_bucketing():
+    """Configs whose pipelined tiles exceed the device's shared memory (or that spill with fp32 operands)
+    are pruned before autotuning; the batch size enters the key as a power of two."""
+    import importlib
+
+    import triton
+    mm = importlib.import_module(masked_linear_forward.__module__)
+    utils = importlib.import_module(mm.__name__.rsplit(".", 1)[0] + "._utils")
+    configs = mm.gemm_configs(interpret=False)
+    big = configs[0]  # 128x256x64 at 3 stages: 144 KB in bf16, 288 KB in fp32
+    assert mm.shared_memory_estimate(big, 2, 2) == 3 * (128 * 64 + 64 * 256) * 2
+    h100, a100, ada = (utils.SHARED_MEMORY_LIMIT[cc] for cc in (90, 80, 89))
+    assert any(c is big for c in mm.fitting_configs(configs, 2, 2, h100))
+    assert any(c is big for c in mm.fitting_configs(configs, 2, 2, a100))  # 144 KB <= 163 KB
+    assert not any(c is big for c in mm.fitting_configs(configs, 2, 2, ada))  # > 99 KB
+    assert not any(c is big for c in mm.fitting_configs(configs, 4, 4, h100))
+    kept = mm.fitting_configs(configs, 2, 2, ada)
+    assert kept and all(mm.shared_memory_estimate(c, 2, 2) <= ada for c in kept)
+    fp32 = mm.fitting_configs(configs, 4, 4, h100)
+    assert not any(mm.spills_with_fp32(c) for c in fp32) and any(mm.spills_with_fp32(c) for c in configs)
+    tiny = [triton.Config({"BLOCK_R": 256, "BLOCK_C": 256, "BLOCK_K": 128, "GROUP_R": 8}, num_stages=8)]
+    assert mm.fitting_configs(tiny, 4, 4, 1000) == tiny  # never empty: the smallest config stays
+    assert [utils.bucket(m) for m in (1, 16, 17, 100, 128, 129, 4096, 5000)] == [16, 16, 32, 128, 128, 256, 4096,
+                                                                                8192]
+
+
+def test_split_m_partial_sums(device):
+    """dS with the rows split in 1..5 parts (fixed-order partial sums) equals the unsplit result."""
+    x, weight, scores, grad_out = make(70, 37, 53, torch.float32, device)
+    expected = masked_linear_grad_scores(grad_out, x, weight, scores, split_m=1)
+    ref = reference(x, weight, scores, scores.abs().median(), grad_out)[2]
+    assert_close(expected, ref, torch.float32)
+    for split in (2, 3, 5):
+        got = masked_linear_grad_scores(grad_out, x, weight, scores, split_m=split)
+        assert_close(got, ref, torch.float32)
+        assert_close(masked_linear_grad_scores(grad_out, x, weight, scores, abs_scores=False, split_m=split),
+                     reference(x, weight, scores, scores.abs().median(), grad_out, abs_scores=False)[2],
+                     torch.float32)
+    with pytest.raises(ValueError, match=r"split_m must be None or an int in \[1, 64\], got 0"):
+        masked_linear_grad_scores(grad_out, x, weight, scores, split_m=0)
