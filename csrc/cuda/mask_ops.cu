@@ -35,6 +35,15 @@ constexpr int kBins = 1 << kRadixBits;  // 2048 counters: 8 KB of shared memory 
 constexpr int kHistThreads = 256;
 constexpr int kElementwiseThreads = 256;
 constexpr int kVec = 4;  // elements per thread-iteration in the elementwise kernels when aligned
+// ...but at most 16 bytes of the widest operand per load: 4 float64 elements per thread spilled registers
+// (16-64 bytes in apply_mask with a float64 operand on sm_80/sm_90, scripts/check_ptxas.py); 2 do not.
+constexpr int kVecBytes = 16;
+template <typename A, typename B, typename C>
+constexpr int vec_width() {
+  constexpr size_t widest = sizeof(A) > sizeof(B) ? (sizeof(A) > sizeof(C) ? sizeof(A) : sizeof(C))
+                                                  : (sizeof(B) > sizeof(C) ? sizeof(B) : sizeof(C));
+  return static_cast<int>(kVecBytes / widest < kVec ? kVecBytes / widest : kVec);
+}
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // Slots of the select state, stored right after the histograms in the same device buffer.
@@ -353,10 +362,11 @@ at::Tensor apply_mask_cuda(const at::Tensor& weight, const at::Tensor& scores, c
       const auto* wp = w.const_data_ptr<weight_t>();
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "maskprune_apply_mask_cuda_out", [&] {
         auto* op = out.mutable_data_ptr<scalar_t>();
-        if (aligned(sp, kVec * sizeof(score_t)) && aligned(wp, kVec * sizeof(weight_t)) &&
-            aligned(op, kVec * sizeof(scalar_t))) {
-          apply_mask_kernel<score_t, weight_t, scalar_t, kVec>
-              <<<blocks_for(n / kVec, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(wp, sp, tp, abs_scores,
+        constexpr int V = vec_width<score_t, weight_t, scalar_t>();
+        if (aligned(sp, V * sizeof(score_t)) && aligned(wp, V * sizeof(weight_t)) &&
+            aligned(op, V * sizeof(scalar_t))) {
+          apply_mask_kernel<score_t, weight_t, scalar_t, V>
+              <<<blocks_for(n / V, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(wp, sp, tp, abs_scores,
                                                                                               op, n);
         } else {
           apply_mask_kernel<score_t, weight_t, scalar_t, 1>
@@ -390,10 +400,11 @@ void score_grad_into(const at::Tensor& g, const at::Tensor& w, const at::Tensor&
       const auto* wp = w.const_data_ptr<weight_t>();
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "maskprune_score_grad_cuda_g", [&] {
         const auto* gp = g.const_data_ptr<scalar_t>();
-        if (aligned(sp, kVec * sizeof(score_t)) && aligned(op, kVec * sizeof(score_t)) &&
-            aligned(wp, kVec * sizeof(weight_t)) && aligned(gp, kVec * sizeof(scalar_t))) {
-          score_grad_kernel<score_t, weight_t, scalar_t, kVec>
-              <<<blocks_for(n / kVec, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(gp, wp, sp, abs_scores,
+        constexpr int V = vec_width<score_t, weight_t, scalar_t>();
+        if (aligned(sp, V * sizeof(score_t)) && aligned(op, V * sizeof(score_t)) &&
+            aligned(wp, V * sizeof(weight_t)) && aligned(gp, V * sizeof(scalar_t))) {
+          score_grad_kernel<score_t, weight_t, scalar_t, V>
+              <<<blocks_for(n / V, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(gp, wp, sp, abs_scores,
                                                                                               op, n);
         } else {
           score_grad_kernel<score_t, weight_t, scalar_t, 1>
