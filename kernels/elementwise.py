@@ -1,4 +1,4 @@
-"""The two elementwise passes of a masked conv layer (DESIGN §3): W ⊙ M before cuDNN, dS after it.
+"""The two elementwise passes of a masked conv layer (docs/design.md §3): W ⊙ M before cuDNN, dS after it.
 
 apply_mask  W ⊙ 1[key >= t]                            in weight's dtype (or out_dtype)
 score_grad  sign(S) ⊙ W ⊙ G (W ⊙ G with raw scores)     computed in fp32 (fp64 if any input is), in S's dtype

@@ -1,4 +1,4 @@
-"""The pure-PyTorch reference of DESIGN §1: materialise W ⊙ M, straight-through gradient by autograd.
+"""The pure-PyTorch reference of docs/design.md §1: materialise W ⊙ M, straight-through gradient by autograd.
 
 This is the oracle every other backend is tested against; it favours plainness over speed.
 """

@@ -1,4 +1,4 @@
-"""maskprune.ops against the pure-torch reference (DESIGN §1), for every backend on every device.
+"""maskprune.ops against the pure-torch reference (docs/design.md §1), for every backend on every device.
 
 Backends come from `maskprune.ops.available_backends(device)`: cpp and torch on CPU; triton joins
 when it runs there (CUDA, or CPU under TRITON_INTERPRET=1, where shapes are kept small). CUDA
@@ -99,7 +99,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what:
 
 
 def n_keep_expected(density: float, n: int) -> int:
-    """DESIGN §1, written out again here rather than imported: clamp(floor(k·n + 1/2), 1, n)."""
+    """docs/design.md §1, written out again here rather than imported: clamp(floor(k·n + 1/2), 1, n)."""
     return min(max(math.floor(density * n + 0.5), 1), n)
 
 
@@ -687,7 +687,7 @@ def test_gradcheck_masked_linear_x_and_bias(device, backend, abs_scores, x_shape
 @pytest.mark.parametrize("x_shape", [(6, 9), (2, 3, 9)], ids=["2d", "3d"])
 def test_score_gradient_is_the_straight_through_formula(device, backend, abs_scores, dtype, x_shape):
     # The mask is piecewise constant in S, so the numerical derivative is 0 (or a jump): the STE
-    # gradient is checked against DESIGN §1 directly: dS = sign(S) ⊙ W ⊙ (dY^T X), or W ⊙ (dY^T X).
+    # gradient is checked against docs/design.md §1 directly: dS = sign(S) ⊙ W ⊙ (dY^T X), or W ⊙ (dY^T X).
     g = gen("ste", abs_scores, dtype, x_shape)
     rand = lambda *size: torch.randn(*size, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     weight, x = rand(5, 9), rand(*x_shape)

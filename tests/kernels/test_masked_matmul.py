@@ -25,7 +25,7 @@ def nth_largest(scores, n_keep, abs_scores):
 
 
 def reference(x, weight, scores, t, grad_out, bias=None, abs_scores=True):
-    """Y, dX, dS of DESIGN §1 in float64, from W ⊙ M rounded to x's dtype as a torch layer would."""
+    """Y, dX, dS of docs/design.md §1 in float64, from W ⊙ M rounded to x's dtype as a torch layer would."""
     w_eff = (weight * (key_of(scores, abs_scores) >= t).to(weight.dtype)).to(x.dtype).double()
     y = x.double() @ w_eff.T + (0 if bias is None else bias.double())
     grad_x = grad_out.double() @ w_eff
