@@ -269,3 +269,16 @@ def fill_scores(layers: Sequence, value) -> None:
             layer.scores.uniform_(0.0, 1.0)
         else:
             layer.scores.fill_(0.5 if value == "half" else float(value))
+
+
+class RawThresholdPolicy(LayerSetPolicy):
+    """A policy whose mask is 1[S >= threshold(layer)] on raw scores: it runs the fused apply_mask /
+    masked_linear ops with abs_scores=False, so dS = W ⊙ dW_eff. Subclasses define threshold()."""
+
+    def effective_weight(self, layer, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.apply_mask(self._weight(layer, weight), layer.scores, self.threshold(layer), abs_scores=False,
+                              backend=layer.backend)
+
+    def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return ops.masked_linear(x, layer.weight, layer.scores, self.threshold(layer), layer.bias, abs_scores=False,
+                                 backend=layer.backend)

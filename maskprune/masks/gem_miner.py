@@ -32,11 +32,10 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from .. import ops
-from .base import LayerSetPolicy, choice_option, fill_scores, float_option, int_option
+from .base import RawThresholdPolicy, choice_option, fill_scores, float_option, int_option
 
 
-class GemMiner(LayerSetPolicy):
+class GemMiner(RawThresholdPolicy):
     """M = 1[p > 1/2] over clamped scores p ∈ [0, 1]; λ‖p‖²; periodic freezing; final rounding."""
 
     name = "gem_miner"
@@ -78,14 +77,6 @@ class GemMiner(LayerSetPolicy):
     @torch.no_grad()
     def mask(self, layer) -> torch.Tensor:
         return (layer.scores > 0.5) & self.flags[self.layer_index(layer)]
-
-    def effective_weight(self, layer, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return ops.apply_mask(self._weight(layer, weight), layer.scores, self.threshold(layer), abs_scores=False,
-                              backend=layer.backend)
-
-    def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
-        return ops.masked_linear(x, layer.weight, layer.scores, self.threshold(layer), layer.bias, abs_scores=False,
-                                 backend=layer.backend)
 
     def regularization(self, layers: Sequence) -> torch.Tensor | None:
         if self.l2 == 0:

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
-from .base import LayerSetPolicy, fill_scores, float_option
+from .base import RawThresholdPolicy, fill_scores, float_option
 
 
-class FixedThreshold(LayerSetPolicy):
+class FixedThreshold(RawThresholdPolicy):
     """M = 1[S > τ] on raw scores; dS = W ⊙ ∂L/∂W_eff (the fused op with abs_scores=False)."""
 
     name = "threshold"
@@ -46,11 +45,3 @@ class FixedThreshold(LayerSetPolicy):
     @torch.no_grad()
     def mask(self, layer) -> torch.Tensor:
         return layer.scores > self.tau
-
-    def effective_weight(self, layer, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return ops.apply_mask(self._weight(layer, weight), layer.scores, self.threshold(layer), abs_scores=False,
-                              backend=layer.backend)
-
-    def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
-        return ops.masked_linear(x, layer.weight, layer.scores, self.threshold(layer), layer.bias, abs_scores=False,
-                                 backend=layer.backend)
