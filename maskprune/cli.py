@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from . import data as datasets
-from . import __version__, models, ops
+from . import __version__, masks, models, ops
 from .runfiles import RunFileError
 from .train import (CHOICES, ConfigError, TrainConfig, TrainingInterrupted, load_config_file, read_checkpoint, train,
                     validate)
@@ -25,7 +25,8 @@ HELP = {
     "dataset": ", ".join(datasets.DATASETS),
     "mode": "mask (learn scores over frozen random weights) or dense (train the weights)",
     "density": "fraction of weights kept, in (0, 1]",
-    "policy": "top-k per layer (layerwise) or over all layers (global)",
+    "policy": "mask policy: " + ", ".join(masks.ALL_POLICIES) + " (its options: the --<policy>-<option> flags)",
+    "policy_options": "the policy's options as key=value,... (the --<policy>-<option> flags add to them)",
     "weight_init": "frozen random weights: " + ", ".join(CHOICES["weight_init"]),
     "score_init": "initial scores: " + ", ".join(CHOICES["score_init"]),
     "scale_fan": "weight std as if the fan-in were density * fan-in",
@@ -67,6 +68,26 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_text)
 
 
+def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per option of each mask policy, --<policy>-<option> (e.g. --iterand-period 300); the value is
+    read as make_policy reads it (a number, True/False, None, or a word) and checked when the config is built."""
+    for name in masks.POLICY_CLASSES:
+        for option, spec in masks.policy_options(name).items():
+            flag = f"--{name.replace('_', '-')}-{option.replace('_', '-')}"
+            parser.add_argument(flag, dest=f"policy_flag:{name}:{option}", default=None, metavar="VALUE",
+                                help=f"{spec.help}; {spec.accepted} (default: {spec.default!r}; --policy {name})")
+
+
+def _policy_flags(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """{policy: {option: raw value}} of the --<policy>-<option> flags given."""
+    given: dict[str, dict[str, str]] = {}
+    for dest, value in vars(args).items():
+        if dest.startswith("policy_flag:") and value is not None:
+            _, name, option = dest.split(":")
+            given.setdefault(name, {})[option] = value
+    return given
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="maskprune", description="Mask training over frozen random networks (edge-popup).")
     parser.add_argument("--version", action="version", version=f"maskprune {__version__}",
@@ -75,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_train = sub.add_parser("train", help="learn masks (or train densely) on a dataset")
     _add_config_flags(p_train)
+    _add_policy_flags(p_train)
     p_train.add_argument("--config", help="TOML file of options; flags override it")
     p_train.add_argument("--out", help="run folder (default: runs/<model>-<dataset>-<mode>)")
     p_train.add_argument("--resume", metavar="RUN/last.pt",
@@ -111,6 +133,26 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         given = getattr(args, f.name)
         if given is not None:
             values[f.name] = given
+    flags = _policy_flags(args)
+    if flags:
+        policy = values.get("policy", TrainConfig.policy)
+        for name, options in flags.items():
+            option = next(iter(options))
+            flag = f"--{name.replace('_', '-')}-{option.replace('_', '-')}"
+            if name != policy:
+                raise ConfigError(flag.lstrip("-").replace("-", "_"), f"applies to --policy {name} only, "
+                                                                      f"the run uses --policy {policy}")
+        try:
+            merged = masks.parse_options(policy, values.get("policy_options", ""))
+        except ValueError as err:
+            raise ConfigError("policy_options", str(err)) from None
+        for option, raw in flags[policy].items():
+            flag = f"{policy}_{option}"
+            try:
+                merged.update(masks.parse_options(policy, f"{option}={raw}"))
+            except ValueError as err:
+                raise ConfigError(flag, str(err)) from None
+        values["policy_options"] = masks.format_options(merged)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return validate(TrainConfig(**{k: v for k, v in values.items() if k in known}))
 

@@ -47,6 +47,10 @@ CHECKPOINT_KINDS = {
     "best": ("model", "epoch", "val_acc", "config"),
     "last": ("model", "optimizer", "scheduler", "epoch", "best_val_acc", "best_epoch", "wall_time", "config"),
 }
+# Keys a checkpoint may hold besides those: the mask policies' state (maskprune.masks.policy_state), which a
+# mask run's last.pt carries since issue 17 (older last.pt files have none; their runs used layer-wise or global
+# top-k, which keep no state).
+OPTIONAL_KEYS = {"best": (), "last": ("policy",)}
 
 RESAVE = ("python -c \"import torch, maskprune.runfiles as r; p = '{path}'; "
           "torch.save(r.to_plain(torch.load(p, weights_only=False)), p)\"")
@@ -159,6 +163,9 @@ def _check_checkpoint(path: Path, ckpt: Any, kind: str | None) -> str:
         raise RunFileError(path, "its 'optimizer' is not an optimizer state (a dict of 'state' and 'param_groups')")
     if not isinstance(ckpt["scheduler"], dict) or not all(isinstance(k, str) for k in ckpt["scheduler"]):
         raise RunFileError(path, "its 'scheduler' is not a learning-rate schedule state (a dict)")
+    policy = ckpt.get("policy", [])
+    if not (isinstance(policy, list) and all(isinstance(p, dict) and isinstance(p.get("name"), str) for p in policy)):
+        raise RunFileError(path, "its 'policy' is not a list of mask-policy states (dicts with a 'name')")
     return kind
 
 

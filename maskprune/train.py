@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import maskprune
 from . import data as datasets
-from . import models, ops
+from . import masks, models, ops
 from .masks import POLICIES
 from .nn import SCORE_INITS, WEIGHT_INITS, convert, mask_stats
 from .runfiles import (RunFileError, _short, check_fits, load_model_state, load_training_state, read_metrics,
@@ -77,7 +77,8 @@ class TrainConfig:
     dataset: str = "mnist"
     mode: str = "mask"                   # "mask": learn scores over frozen weights; "dense": train weights
     density: float = 0.5                 # fraction of weights kept (mask mode)
-    policy: str = "layerwise"            # "layerwise" or "global" top-k
+    policy: str = "layerwise"            # a mask policy of maskprune.masks (layerwise, global, supermask, ...)
+    policy_options: str = ""             # the policy's options, "key=value,..." (e.g. "period=300,prob=0.1")
     weight_init: str = "signed_constant"
     score_init: str = "kaiming_uniform"
     scale_fan: bool = True               # weight std as if fan_in were density * fan_in (edge-popup's scaled init)
@@ -143,6 +144,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("nesterov", "needs --optimizer sgd with --momentum > 0")
     if cfg.warmup_epochs > cfg.epochs:
         raise ConfigError("warmup_epochs", f"must be <= --epochs ({cfg.epochs}), got {cfg.warmup_epochs}")
+    try:
+        options = masks.parse_options(cfg.policy, cfg.policy_options)
+    except ValueError as err:
+        raise ConfigError("policy_options", str(err)) from None
+    if options and cfg.mode == "dense":
+        raise ConfigError("policy_options", "apply to --mode mask only")
     if cfg.widths and cfg.model != "mlp":
         raise ConfigError("widths", f"applies to --model mlp only, got --model {cfg.model}")
     if cfg.widths:
@@ -203,6 +210,17 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
+def policy_options(cfg: TrainConfig) -> dict:
+    """The policy's options for convert: cfg.policy_options, plus what the run itself decides unless given
+    (the random draws of supermask / iterand keyed by the run's seed, gem_miner's schedule by its epochs)."""
+    options = masks.parse_options(cfg.policy, cfg.policy_options)
+    if cfg.policy in ("supermask", "iterand"):
+        options.setdefault("seed", cfg.seed % 2 ** 32)
+    if cfg.policy == "gem_miner":
+        options.setdefault("epochs", cfg.epochs)
+    return options
+
+
 def build_model(cfg: TrainConfig, num_classes: int, in_shape: tuple) -> nn.Module:
     """The named network; in mask mode converted to masked layers over frozen random weights."""
     kwargs = {"widths": cfg.widths} if cfg.widths else {}
@@ -213,7 +231,7 @@ def build_model(cfg: TrainConfig, num_classes: int, in_shape: tuple) -> nn.Modul
         raise ConfigError("model", f"{cfg.model} cannot be built for {cfg.dataset} {tuple(in_shape)}: {err}") from None
     if cfg.mode == "mask":
         convert(model, cfg.density, policy=cfg.policy, weight_init=cfg.weight_init, score_init=cfg.score_init,
-                scale_fan=cfg.scale_fan, backend=cfg.backend)
+                scale_fan=cfg.scale_fan, backend=cfg.backend, **policy_options(cfg))
     return model
 
 
@@ -389,6 +407,11 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: str | None = None
     if checkpoint is not None:
         load_model_state(model, checkpoint, resume)
         load_training_state(optimizer, scheduler, checkpoint, resume)
+        if cfg.mode == "mask" and "policy" in checkpoint:  # the policy's own state (IteRand, Gem-Miner, ...)
+            try:
+                masks.load_policy_state(model, checkpoint["policy"])
+            except (ValueError, KeyError, TypeError) as err:
+                raise RunFileError(resume, f"its 'policy' state does not fit --policy {cfg.policy}: {err}") from None
         start_epoch, best_val = checkpoint["epoch"] + 1, float(checkpoint["best_val_acc"])
         best_epoch, wall = checkpoint["best_epoch"], float(checkpoint["wall_time"])
         if master:
@@ -444,10 +467,13 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: str | None = None
                 # equals the gradient of the batch mean, even when the shares differ in size.
                 loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing, reduction="sum") \
                     * (world / len(batch))
+                penalty = masks.policy_penalty(model) if cfg.mode == "mask" else None
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss if penalty is None else loss + penalty).backward()
                 optimizer.step()
                 scheduler.step()
+                if cfg.mode == "mask":  # the policy's hooks (clamps, redraws, ...), keyed by the global step
+                    masks.step_hooks(model, epoch * steps_per_epoch + step + 1)
                 loss_sum += loss.detach() * (len(batch) / world)
                 correct += (logits.argmax(1) == yb).sum()
                 seen += len(yb)
@@ -458,6 +484,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: str | None = None
             if distributed:
                 dist.all_reduce(totals)
             train_loss, train_acc = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
+            if cfg.mode == "mask":
+                masks.epoch_hooks(model, epoch + 1)  # e.g. Gem-Miner's freezing, before validation and the save
             train_seconds = time.perf_counter() - t0  # after .item(): the device has finished the epoch
             val_loss, val_acc = evaluate(model, splits.val_x, splits.val_y, 1024, autocast)
             seconds = time.perf_counter() - t0
@@ -476,7 +504,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: str | None = None
                                  "config": dataclasses.asdict(cfg)}, out / "best.pt")
                 save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "epoch": epoch, "best_val_acc": best_val,
-                             "best_epoch": best_epoch, "wall_time": wall, "config": dataclasses.asdict(cfg)},
+                             "best_epoch": best_epoch, "wall_time": wall, "config": dataclasses.asdict(cfg),
+                             **({"policy": masks.policy_state(model)} if cfg.mode == "mask" else {})},
                             out / "last.pt")
                 saved = epoch + 1
                 if not quiet:
@@ -485,6 +514,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: str | None = None
 
         # -- final test: the last model, then the best-validation one
         epoch = cfg.epochs  # (reported as "during the final test" if Ctrl-C comes now)
+        if cfg.mode == "mask":
+            masks.finalize_policies(model)  # e.g. Gem-Miner's rounding (the mask itself does not change)
         _, test_last = evaluate(model, splits.test_x, splits.test_y, 1024, autocast)
         if distributed:
             dist.barrier()  # rank 0 has written best.pt
@@ -497,6 +528,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: str | None = None
         "test_acc_last": test_last, "test_acc_best": test_best, "best_val_acc": best_val,
         "best_epoch": best_epoch, "epochs": cfg.epochs, "mode": cfg.mode, "model": cfg.model,
         "dataset": cfg.dataset, "density": cfg.density if cfg.mode == "mask" else 1.0, "policy": cfg.policy,
+        "policy_options": policy_options(cfg) if cfg.mode == "mask" else {},
         "kept_weights": kept, "total_weights": total, "kept_fraction": kept / total,
         "wall_time_s": wall, "seconds_per_epoch": wall / cfg.epochs,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -11,8 +11,8 @@ One module per policy (each docstring states the rule, the gradient, the default
     threshold   threshold           M = 1[S > τ] over pretrained weights (Mallya et al. 2018, Zhao et al. 2020)
 
 base.py holds the interface (MaskPolicy) the layers and the trainer call; factory.py make_policy and the
-hooks over a model. `POLICIES` lists the names convert()/`maskprune train` accept today (layerwise,
-global); `ALL_POLICIES` every name make_policy accepts.
+hooks over a model. `ALL_POLICIES` (alias `POLICIES`) lists every name convert(), `maskprune train --policy`
+and make_policy accept.
 """
 from .base import LayerSetPolicy, MaskPolicy, Option, check_options
 from .biprop import Biprop
@@ -26,9 +26,8 @@ from .supermask import BernoulliSTE, Supermask
 from .threshold import FixedThreshold
 from .topk import LAYERWISE, GlobalTopK, LayerwiseTopK
 
-# The names convert() and the CLI accept until their integration of the other policies lands (then this
-# becomes ALL_POLICIES): accepting "supermask" there now would silently run layer-wise top-k.
-POLICIES = ("layerwise", "global")
+# The names convert() and the CLI accept.
+POLICIES = ALL_POLICIES
 
 __all__ = ["MaskPolicy", "LayerSetPolicy", "Option", "check_options", "LayerwiseTopK", "GlobalTopK", "LAYERWISE",
            "Supermask", "BernoulliSTE", "Biprop", "SignedSupermask", "IteRand", "GemMiner", "FixedThreshold",

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .. import masks, ops
+from .. import masks
 from .init import init_weight
 from .layers import MaskedConv2d, MaskedLayer, MaskedLinear, check_masking_args
 from .parametrize import WeightMask, weight_masks
@@ -60,9 +60,7 @@ class MaskedTensor(NamedTuple):
     def effective_weight(self) -> torch.Tensor:
         """W ⊙ M, the weight the forward computes with (carries the straight-through gradient to the scores)."""
         if isinstance(self.masker, (MaskedLinear, MaskedConv2d)):
-            layer = self.masker
-            return ops.apply_mask(layer.weight, layer.scores, layer.threshold(), abs_scores=layer.abs_scores,
-                                  backend=layer.backend)
+            return self.masker.mask_policy.effective_weight(self.masker)
         return getattr(self.module, self.attr)
 
 
@@ -191,7 +189,7 @@ def _default_reason(module: nn.Module, attr: str, param: torch.Tensor) -> str | 
 def convert(model: nn.Module, density: float, *, policy: str = "layerwise", weight_init: str | None = None,
             score_init: str = "kaiming_uniform", scale_fan: bool = False, abs_scores: bool = True,
             backend: str = "auto", skip: Iterable[Entry] | Entry = (), include: Iterable[Entry] | Entry | None = None,
-            fused: bool = True) -> nn.Module:
+            fused: bool = True, **policy_options) -> nn.Module:
     """Masks every weight tensor of `model` in place (edge-popup's setting); returns the model.
 
     What is masked, and how (see the module docstring for why):
@@ -212,8 +210,12 @@ def convert(model: nn.Module, density: float, *, policy: str = "layerwise", weig
     "signed_constant", scale_fan=True (edge-popup's best setting), and MaskedLinear/MaskedConv2d made
     directly default to "signed_constant" without fan scaling.
 
-    policy is "layerwise" (each tensor keeps `density` of its weights) or "global" (one threshold
-    over all masked tensors). Afterwards the whole network is frozen: the scores are the only
+    policy is a name from maskprune.masks.ALL_POLICIES: "layerwise" (each tensor keeps `density` of its
+    weights, edge-popup), "global" (one threshold over all masked tensors), "supermask", "biprop", "signed",
+    "iterand", "gem_miner" or "threshold" (see each module of maskprune.masks for its rule, gradient and
+    defaults); `policy_options` are that policy's options (masks.policy_options(name)), checked before
+    the model changes. One policy object is shared by all masked tensors; the trainer calls its hooks
+    through masks.step_hooks / epoch_hooks. Afterwards the whole network is frozen: the scores are the only
     parameters with requires_grad.
 
     skip / include take module names (as in named_modules; a name covers the module's whole subtree),
@@ -231,6 +233,7 @@ def convert(model: nn.Module, density: float, *, policy: str = "layerwise", weig
     density = check_masking_args(density=density, weight_init=weight_init, score_init=score_init, backend=backend)
     if policy not in masks.POLICIES:
         raise ValueError(f"policy must be one of {masks.POLICIES}, got {policy!r}")
+    masks.check_options(policy, masks.policy_options(policy), policy_options)
     already = masked_tensors(model)
     if already:
         names = [t.name for t in already]
@@ -313,8 +316,8 @@ def convert(model: nn.Module, density: float, *, policy: str = "layerwise", weig
         p.requires_grad_(False)
     for m in maskers:
         m.scores.requires_grad_(True)
-    if policy == "global":
-        shared = masks.GlobalTopK(maskers, density, abs_scores=abs_scores, backend=backend)
+    if policy != "layerwise":
+        shared = masks.make_policy(policy, maskers, density, **policy_options)
         for m in maskers:
             m.mask_policy = shared
     summary = ConvertSummary(masked=masked, left=left)
@@ -356,7 +359,7 @@ def mask_stats(model: nn.Module) -> dict:
         raise ValueError("model has no masked layers (run maskprune.convert first)")
     rows, kept_all, total_all = [], 0, 0
     for t in tensors:
-        kept, total = int(t.masker.mask().sum()), t.masker.scores.numel()
+        kept, total = int((t.masker.mask() != 0).sum()), t.masker.scores.numel()
         rows.append({"name": t.name.rpartition(".")[0], "tensor": t.name, "mechanism": t.mechanism,
                      "kept": kept, "total": total, "fraction": kept / total, "density": t.masker.density,
                      "policy": t.masker.mask_policy.name})

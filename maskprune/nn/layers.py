@@ -34,10 +34,12 @@ def check_masking_args(*, density: float, weight_init: str | None, score_init: s
 
 class MaskedLayer:
     """What every masked tensor's owner shares (MaskedLinear, MaskedConv2d and the WeightMask
-    parametrization): settings, float32 scores, the mask policy that gives the threshold, the mask."""
+    parametrization): settings, float32 scores, and the mask policy (maskprune.masks) that turns the scores
+    into the mask, the forward and the gradient."""
 
     weight: nn.Parameter
     scores: nn.Parameter
+    delegates_to_policy = True  # forward calls self.mask_policy (masks.attach then only sets the policy)
 
     def _init_mask_state(self, shape: tuple, device, *, density: float, score_init: str, abs_scores: bool,
                          backend: str) -> None:
@@ -62,20 +64,19 @@ class MaskedLayer:
                               score_init=score_init, abs_scores=abs_scores, backend=backend)
 
     def threshold(self) -> torch.Tensor:
-        """The current threshold t (cached until the scores change)."""
+        """The current threshold t of a top-k policy (cached until the scores change)."""
         return self.mask_policy.threshold(self)
 
     @torch.no_grad()
     def mask(self) -> torch.Tensor:
-        """The boolean keep-mask M = 1[key >= t]."""
-        key = self.scores.abs() if self.abs_scores else self.scores
-        return key >= self.threshold()
+        """The mask the layer computes with: bool keep-mask (1[key >= t] for top-k), int8 {-1, 0, 1} for
+        the signed policy."""
+        return self.mask_policy.mask(self)
 
     @torch.no_grad()
     def masked_weight(self) -> torch.Tensor:
-        """W ⊙ M, the weight of the found subnetwork."""
-        return ops.apply_mask(self.weight, self.scores, self.threshold(), abs_scores=self.abs_scores,
-                              backend=self.backend)
+        """W_eff of the found subnetwork (W ⊙ M for top-k; the policy's evaluation weight in general)."""
+        return self.mask_policy.masked_weight(self)
 
     def _masking_repr(self) -> str:
         return (f"density={self.density:g}, policy={self.mask_policy.name}, abs_scores={self.abs_scores}, "
@@ -106,10 +107,7 @@ class MaskedLinear(nn.Linear, MaskedLayer):
         dtype = _autocast_dtype(x)
         if dtype is not None:
             x = x.to(dtype)
-        if self.mask_policy is masks.LAYERWISE:  # the shared layer-wise policy (what convert and __init__ set)
-            return masks.LAYERWISE.linear(self, x)
-        return ops.masked_linear(x, self.weight, self.scores, self.threshold(), self.bias,
-                                 abs_scores=self.abs_scores, backend=self.backend)
+        return self.mask_policy.linear(self, x)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._masking_repr()}"
@@ -135,9 +133,7 @@ class MaskedConv2d(nn.Conv2d, MaskedLayer):
             self.bias.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = ops.apply_mask(self.weight, self.scores, self.threshold(), abs_scores=self.abs_scores,
-                                backend=self.backend)
-        return self._conv_forward(x, weight, self.bias)
+        return self.mask_policy.conv2d(self, x)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._masking_repr()}"

@@ -27,7 +27,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .. import ops
 from .layers import MaskedLayer, check_masking_args
 
 
@@ -47,8 +46,7 @@ class WeightMask(nn.Module, MaskedLayer):
                               abs_scores=abs_scores, backend=backend)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return ops.apply_mask(weight, self.scores, self.threshold(), abs_scores=self.abs_scores,
-                              backend=self.backend)
+        return self.mask_policy.effective_weight(self, weight)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.scores.shape)}, {self._masking_repr()}"
