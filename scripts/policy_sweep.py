@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-limit", type=int, default=0, help="training examples used (0 = all)")
     p.add_argument("--val-limit", type=int, default=0, help="validation examples used for the lr choice (0 = all)")
     p.add_argument("--test-limit", type=int, default=0, help="test examples used (0 = all)")
+    p.add_argument("--grid-extend", type=int, default=2,
+                   help="times the lr grid is extended by one step when its best value is at an edge")
     p.add_argument("--select-density", type=float, default=0.1, help="density at which each lr grid is searched")
     p.add_argument("--iterand-period", type=int, default=300, help="IteRand's K (optimizer steps between redraws)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = leave torch's default)")
@@ -207,13 +209,34 @@ def main(argv=None) -> int:
         for policy in args.policies:
             lrs = config["grids"][policy]["lrs"]
             best = (-1.0, lrs[len(lrs) // 2])  # kept if every grid point diverges (NaN never compares greater)
-            for lr in lrs if len(lrs) > 1 else ():  # the lr choice: seed 0 at --select-density, on validation
+            tried: dict[float, float] = {}
+
+            def select(lr: float) -> None:  # the lr choice: seed 0 at --select-density, on validation
+                nonlocal best
                 run = train_one(task, policy, args.select_density, 0, lr, splits, args)
                 results.record["selection"].append({"task": task, "policy": policy, "lr": lr, **run})
                 results.write()
                 print(f"[select] {task} {policy} lr={lr:g} val {run['val_acc']:.4f}", flush=True)
+                tried[lr] = run["val_acc"]
                 if run["val_acc"] > best[0]:
                     best = (run["val_acc"], lr)
+
+            for lr in lrs if len(lrs) > 1 else ():
+                select(lr)
+            # A best lr at the edge of the grid is no choice: extend the grid by its own step on that side
+            # (at most --grid-extend times), so every policy's lr is an interior optimum or says it is not.
+            for _ in range(args.grid_extend if len(lrs) > 1 else 0):
+                ordered = sorted(tried)
+                if best[1] == ordered[-1]:
+                    select(round(best[1] * ordered[-1] / ordered[-2], 10))
+                elif best[1] == ordered[0]:
+                    select(round(best[1] * ordered[0] / ordered[1], 10))
+                else:
+                    break
+            ordered = sorted(tried)
+            results.record.setdefault("lr_choice", []).append(
+                {"task": task, "policy": policy, "lr": best[1], "val_acc": best[0], "grid": ordered,
+                 "at_edge": len(ordered) > 1 and best[1] in (ordered[0], ordered[-1])})
             lr = best[1]
             for density in args.densities:
                 for seed in args.seeds:
