@@ -18,9 +18,11 @@ Arms, all lenet300 without biases (784-300-100-10, 266,200 weights), all trained
                         runs, so both masks start (c) / end (a) at the same size; training then moves it.
   random_layerwise      edge-popup's layer-wise top-k over the same kind of random weights, density f (exact).
 
-Head: every masked arm masks the output layer like the others; no new trainable classifier is added. The
-pretrained arm therefore reuses MNIST's 10 output units for the 10 Fashion classes by index (an arbitrary
-assignment the mask has to undo), and every masked arm stores exactly one bit per weight per task.
+Head (--head): "masked" (default) masks the output layer like the others in every masked arm, adding no
+trainable classifier: the pretrained arm reuses MNIST's 10 output units for the 10 Fashion classes by index (an
+arbitrary assignment the mask has to undo) and every masked arm stores exactly one bit per weight per task.
+"fresh" (Piggyback's choice) leaves the output layer unmasked in every masked arm alike and trains a new dense
+one (seeded default init) with the mask, in the same optimizer: 100x10 float32 weights more per task.
 
 Learning rates: each arm's lr is chosen on its task's validation split (seed 0) from a grid of three values
 spanning 10x; a best value at an edge of the grid extends it by one step on that side (at most --grid-extend
@@ -69,6 +71,8 @@ GRIDS = {
 }
 TAU, KEPT_SCORE, DROPPED_SCORE = 5e-3, 1e-2, 0.0  # the threshold policy's τ and defaults (maskprune.masks.threshold)
 FLOAT_BITS, SEED_BITS = 32, 64
+HEAD = "layers.5"  # lenet300's output Linear (Flatten, Linear, ReLU, Linear, ReLU, Linear)
+HEADS = ("masked", "fresh")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 600 training images, 2 epochs of batch 64, 1 seed, 2 lrs per grid")
     p.add_argument("--arms", default=",".join(ARMS), help=f"of {', '.join(ARMS)} (random_* need pretrained_threshold)")
+    p.add_argument("--head", default="masked", choices=HEADS,
+                   help="masked: the output layer is masked like the others; fresh: every masked arm leaves it "
+                        "unmasked and trains a new dense output layer (float32 weights per task) with its mask")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=10, help="the budget of every arm on Fashion-MNIST")
     p.add_argument("--pretrain-epochs", type=int, default=10, help="dense MNIST training of the backbone")
@@ -218,14 +225,16 @@ class Experiment:
                     "shared_bits": 0}
         model = _lenet(self.fashion)
         extra = {}
+        skip = [HEAD] if args.head == "fresh" else []
         if arm == "pretrained_threshold":
             model.load_state_dict(self.backbone(seed))
-            maskprune.convert(model, 1.0, policy="threshold", tau=TAU)  # scores start at the policy's 1e-2
+            maskprune.convert(model, 1.0, policy="threshold", tau=TAU, skip=skip)  # scores start at 1e-2
+            self.fresh_head(model, seed)
             extra["fashion_acc_before"] = accuracy(model, *_limit(self.fashion.test_x, self.fashion.test_y,
                                                                   args.test_limit))
             shared = FLOAT_BITS * sum(t.masker.scores.numel() for t in maskprune.masked_tensors(model))
         elif arm == "random_threshold":
-            maskprune.convert(model, self.target, policy="threshold", tau=TAU,
+            maskprune.convert(model, self.target, policy="threshold", tau=TAU, skip=skip,
                               weight_init="signed_constant", scale_fan=True, weight_seed=seed)
             gen = torch.Generator().manual_seed(seed * 7919 + 17)
             with torch.no_grad():
@@ -235,12 +244,27 @@ class Experiment:
             extra["initial_kept_fraction"] = maskprune.mask_stats(model)["fraction"]
             shared = SEED_BITS
         else:  # random_layerwise
-            maskprune.convert(model, self.target, weight_init="signed_constant", scale_fan=True, weight_seed=seed)
+            maskprune.convert(model, self.target, weight_init="signed_constant", scale_fan=True, weight_seed=seed,
+                              skip=skip)
             shared = SEED_BITS
+        head = self.fresh_head(model, seed) if arm != "pretrained_threshold" else model.get_submodule(HEAD)
         layers = [t.masker for t in maskprune.masked_tensors(model)]
-        out = fit(model, [m.scores for m in layers], optimizer_name, lr, self.fashion, seed, args.epochs, args, label)
+        params = [m.scores for m in layers] + ([head.weight] if args.head == "fresh" else [])
+        out = fit(model, params, optimizer_name, lr, self.fashion, seed, args.epochs, args, label)
         rec = mask_record(model)
-        return {**out, **extra, **rec, "task_bits": rec["mask_bits"], "shared_bits": shared}
+        head_bits = FLOAT_BITS * head.weight.numel() if args.head == "fresh" else 0
+        return {**out, **extra, **rec, "head_bits": head_bits, "task_bits": rec["mask_bits"] + head_bits,
+                "shared_bits": shared}
+
+    def fresh_head(self, model, seed: int):
+        """--head fresh: the unmasked output layer gets a new trainable init (seeded); returns the head module."""
+        head = model.get_submodule(HEAD)
+        if self.args.head == "fresh":
+            with torch.random.fork_rng():
+                torch.manual_seed(seed * 7919 + 29)
+                head.reset_parameters()
+            head.weight.requires_grad_(True)
+        return head
 
     def backbone(self, seed: int) -> dict:
         if seed not in self.backbones:
@@ -364,7 +388,7 @@ def main(argv=None) -> int:
     setup_threads(args.threads)
     folder = run_dir("pretrained_masks", args.run, args.out)
     config = {k: v for k, v in vars(args).items() if k not in ("run", "out")}
-    config.update(model="lenet300", bias=False, head="masked like every other layer (no new classifier)",
+    config.update(model="lenet300", bias=False, head=args.head,
                   tau=TAU, score_init=KEPT_SCORE, weight_decay=0.0, momentum=0.9,
                   grids={a: {"optimizer": GRIDS[a][0], "lrs": list(GRIDS[a][1][1:] if args.quick else GRIDS[a][1])}
                          for a in ("pretrain_mnist", *args.arms)})

@@ -91,3 +91,20 @@ def test_bad_flags_exit_2_naming_the_flag(tmp_path, capsys, flag, value, message
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert not (tmp_path / "x").exists()
+
+
+def test_fresh_head_trains_a_dense_output_layer_in_every_masked_arm(tmp_path):
+    out = tmp_path / "fresh"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--head", "fresh", "--arms",
+                           "pretrained_threshold,random_layerwise", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "results.json").read_text())
+    assert record["config"]["head"] == "fresh"
+    masked = 784 * 300 + 300 * 100
+    for p in record["points"]:
+        assert p["weights"] == masked and len(p["layer_fractions"]) == 2 and p["head_bits"] == 32 * 100 * 10
+        assert p["task_bits"] == masked + 32 * 100 * 10
+    pts = {p["arm"]: p for p in record["points"]}
+    assert abs(pts["random_layerwise"]["kept_fraction"] - pts["pretrained_threshold"]["kept_fraction"]) < 1e-3
+    assert pts["random_layerwise"]["test_acc"] > 0.4
