@@ -31,10 +31,11 @@ one, and DDP ranks draw the same mask. Two generators (option `generator`):
     Fast (one torch.rand), but torch's CPU (mt19937) and CUDA (Philox) generators give different
     numbers for the same seed: a CPU and a CUDA run draw different masks with the same statistics.
     Tests on these compare mask statistics (kept fraction against E[σ(S)]), not bits.
-  - "philox": maskprune.rng's Philox4x32-10 in torch integer ops (stream 1 + draw, key (seed, step)):
-    the same u bits on every device (the compare u < σ(S) can still differ where σ rounds differently,
-    i.e. where u is within a float32 ulp of σ(S)). About 50x slower than "torch" on CPU (0.18 s for
-    LeNet-300-100's 266k weights on one core), so meant for cross-device checks, not for training.
+  - "philox": maskprune.rng's Philox4x32-10 (stream 1 + draw, key (seed, step), i.e. the 64-bit seed
+    seed + 2^32 step): the same u bits on every device and backend (the compare u < σ(S) can still differ
+    where σ rounds differently, i.e. where u is within a float32 ulp of σ(S)). Drawn by rng.uniform's
+    "auto" backend: the C++ kernel on CPU (maskprune._C), CUDA or Triton on GPU, else the torch integer
+    ops (about 50x slower than "torch" on CPU: 0.18 s for LeNet-300-100's 266k weights on one core).
 """
 from __future__ import annotations
 
@@ -74,15 +75,13 @@ def _key_hash(*key: int) -> int:
 
 
 def uniform_draw(shape: Sequence[int], device: torch.device, *, generator: str, seed: int, step: int, layer: int,
-                 draw: int) -> torch.Tensor:
-    """float32 u in [0, 1) of `shape`, a pure function of (seed, step, layer, draw) and the generator."""
-    if generator == "philox":
-        n = math.prod(shape)
-        index = torch.arange(n, dtype=torch.int64, device=device)
-        word = lambda v: torch.tensor(v, dtype=torch.int64, device=device)
-        x0 = rng.philox4x32((index & 0xFFFFFFFF, index >> 32, word(layer), word(SUPERMASK_STREAM + draw)),
-                            (seed & 0xFFFFFFFF, step & 0xFFFFFFFF))[0]
-        return ((x0 >> 8).to(torch.float32) * 2.0 ** -24).reshape(tuple(shape))
+                 draw: int, backend: str = "auto") -> torch.Tensor:
+    """float32 u in [0, 1) of `shape`, a pure function of (seed, step, layer, draw) and the generator
+    (`backend`, for "philox": one of maskprune.rng.BACKENDS; the bits do not depend on it)."""
+    if generator == "philox":  # key (seed mod 2^32, step mod 2^32): one 64-bit rng seed
+        key = (seed & 0xFFFFFFFF) | ((step & 0xFFFFFFFF) << 32)
+        return rng.uniform(shape, seed=key, layer=layer, stream=SUPERMASK_STREAM + draw, device=device,
+                           backend=backend)
     g = torch.Generator(device=device)
     g.manual_seed(_key_hash(seed, step, layer, draw))
     return torch.rand(tuple(shape), generator=g, device=device, dtype=torch.float32)
