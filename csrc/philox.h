@@ -40,7 +40,9 @@ struct Words {
 
 // Philox4x32-10 of the counter (c0, c1, c2, c3) under the key (k0, k1).
 MP_PHILOX_HD Words philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+#if defined(__CUDACC__)
 #pragma unroll
+#endif
   for (int r = 0; r < kRounds; ++r) {
     if (r) {
       k0 += kBumpA;

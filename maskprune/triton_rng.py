@@ -59,7 +59,7 @@ def _counter_values_kernel(out_ptr, n, offset, seed, layer, stream, step, DIST: 
         w = z.to(tl.float32) * step
     else:  # uniform: (x0 >> 8) * scale * 2^-24
         w = (x0 >> 8).to(tl.float32) * step
-    tl.store(out_ptr + j, w.to(out_ptr.dtype.element_ty), mask=j < n)
+    tl.store(out_ptr + j, w.to(out_ptr.dtype.element_ty), mask=j < n)  # float32 or float64: exact
 
 
 def _as_int32_bits(value: int) -> int:
@@ -95,9 +95,14 @@ def counter_fill(out: torch.Tensor, init: str, scale: float, *, seed: int, layer
         return out
     dist = DISTRIBUTIONS.index(init)
     step = float(step32) * (2.0 ** -23 if dist == 1 else 2.0 ** -24 if dist == 3 else 1.0)  # exact in float32
+    # float16/bfloat16 through a float32 buffer and torch's cast (round to nearest even, as the C++ kernel
+    # rounds): the interpreter's own float32 -> bfloat16 conversion rounds ties up and drops mantissa carries.
+    target = out if out.dtype in (torch.float32, torch.float64) else torch.empty(out.shape, device=out.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
     with torch.cuda.device(out.device) if out.device.type == "cuda" else contextlib.nullcontext():
-        _counter_values_kernel[grid](out, n, offset, seed, _as_int32_bits(layer), _as_int32_bits(stream), step,
+        _counter_values_kernel[grid](target, n, offset, seed, _as_int32_bits(layer), _as_int32_bits(stream), step,
                                      DIST=dist)
+    if target is not out:
+        out.copy_(target)
     return out
 
