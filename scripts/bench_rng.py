@@ -3,7 +3,8 @@
 1. The counter-based weight generator: the C++ kernel (backend "cpp") against the torch integer-op
    reference, for a 784x300 and a 1M-element weight, every init (median of interleaved repeats).
 2. A LeNet-300-100 training step (batch 128, SGD) with a dense model, and with the supermask policy
-   drawing its masks with generator "torch" and with generator "philox" through each rng backend.
+   drawing its masks with generator "torch", and with generator "philox": the fused C++ draw (what a CPU
+   float32 layer runs), u from the C++ kernel then the mask in torch ops, and u from the torch reference.
 Prints a markdown table and writes --json.
 """
 from __future__ import annotations
@@ -75,18 +76,24 @@ class StepRunner:
 
 
 def step_rows(batch: int, repeats: int, rounds: int) -> list:
-    variants = ["dense", "supermask-torch", "supermask-philox:cpp", "supermask-philox:reference"]
+    variants = ["dense", "supermask-torch", "supermask-philox:fused", "supermask-philox:cpp",
+                "supermask-philox:reference"]
     runners = {v: StepRunner(v, batch) for v in variants}
     original = supermask.uniform_draw
     times = {v: [] for v in variants}
+    fused = supermask._FUSED_OP
     for _ in range(rounds):  # interleaved: background load hits every variant alike
         for v in variants:
             backend = runners[v].backend
-            supermask.uniform_draw = lambda *a, _b=backend, **k: original(*a, **k, backend=_b)
+            # "fused": the C++ one-pass training draw (FusedPhiloxMask); the others draw u, then mask in torch
+            supermask._FUSED_OP = fused and backend == "fused"
+            if backend != "fused":
+                supermask.uniform_draw = lambda *a, _b=backend, **k: original(*a, **k, backend=_b)
             try:
                 times[v].append(median_time(runners[v], repeats, warmup=1))
             finally:
                 supermask.uniform_draw = original
+                supermask._FUSED_OP = fused
     dense = statistics.median(times["dense"])
     return [{"variant": v, "step_s": statistics.median(t), "vs_dense": statistics.median(t) / dense}
             for v, t in times.items()]

@@ -296,3 +296,71 @@ def test_auto_picks_cpp_on_cpu_when_built():
     assert rng._resolve_backend("auto", torch.device("cpu")) == ("cpp" if "cpp" in names else "reference")
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter is never "auto"'s choice on CPU
         assert rng._resolve_backend("auto", torch.device("cpu")) != "triton"
+
+
+@pytest.mark.skipif(not __import__("maskprune.masks.supermask", fromlist=["_FUSED_OP"])._FUSED_OP,
+                    reason="maskprune._C has no supermask_philox_mask CPU kernel")
+@pytest.mark.parametrize("shape", [(20, 30), (7, 3, 3, 3), (300, 257)])
+def test_supermask_fused_draw_equals_unfused(shape, monkeypatch):
+    """The fused C++ training draw (FusedPhiloxMask) against the unfused path: same W_eff and dS bits."""
+    from maskprune.masks import supermask
+    from maskprune.nn import convert
+
+    def run(fused: bool):
+        torch.manual_seed(0)
+        conv = len(shape) == 4
+        model = torch.nn.Sequential(torch.nn.Conv2d(shape[1], shape[0], 3) if conv else torch.nn.Linear(shape[1], shape[0]))
+        convert(model, 0.3, policy="supermask", generator="philox", seed=2 ** 32 - 1)
+        layer = model[0]
+        with torch.no_grad():
+            layer.scores.copy_(torch.randn(layer.scores.shape))
+        policy = layer.mask_policy
+        monkeypatch.setattr(supermask, "_FUSED_OP", fused)
+        x = torch.randn(4, shape[1], 5, 5) if conv else torch.randn(4, shape[1])
+        out = []
+        for step in (3, 2 ** 31 + 1):  # a step past 2^31: the key's top bit set
+            policy.after_step(None, step)
+            w_eff = policy.effective_weight(layer)
+            model(x).square().sum().backward()
+            out.append((w_eff.detach().clone(), layer.scores.grad.clone()))
+            layer.scores.grad = None
+        return out
+
+    for (w_f, g_f), (w_u, g_u) in zip(run(True), run(False)):
+        assert torch.equal(w_f.view(-1).view(torch.int32), w_u.view(-1).view(torch.int32))
+        assert torch.equal(g_f.view(-1).view(torch.int32), g_u.view(-1).view(torch.int32))
+        assert 0.1 < float((w_f != 0).float().mean()) < 0.9
+
+
+@pytest.mark.skipif(not __import__("maskprune.masks.supermask", fromlist=["_FUSED_OP"])._FUSED_OP,
+                    reason="maskprune._C has no supermask_philox_mask CPU kernel")
+def test_supermask_fused_op_opcheck_and_bad_input():
+    w, p = torch.randn(30, 17), torch.rand(30, 17)
+    torch.library.opcheck(torch.ops.maskprune.supermask_philox_mask.default, (w, p, -5, 3, 2))
+    torch.library.opcheck(torch.ops.maskprune.supermask_philox_mask.default, (w.t(), p.t(), 7, 0, 1))
+    with pytest.raises(TypeError, match="weight must be float32"):
+        torch.ops.maskprune.supermask_philox_mask(w.double(), p, 0, 0, 1)
+    with pytest.raises(TypeError, match="probs must be float32"):
+        torch.ops.maskprune.supermask_philox_mask(w, p.double(), 0, 0, 1)
+    with pytest.raises(ValueError, match="probs must have the weight's shape"):
+        torch.ops.maskprune.supermask_philox_mask(w, p[:3], 0, 0, 1)
+    with pytest.raises(ValueError, match=r"stream must be in \[0, 2\^32\)"):
+        torch.ops.maskprune.supermask_philox_mask(w, p, 0, 0, -1)
+
+
+@needs_cpp_op
+def test_cpp_scalar_path_equals_avx2_path():
+    """MASKPRUNE_PHILOX_AVX2=0 (read once per process) runs the scalar loop: the same bits as the reference."""
+    import subprocess
+    import sys
+    code = ("import torch; from maskprune import rng\n"
+            "for init in rng.DISTRIBUTIONS:\n"
+            "    k = dict(seed=2**64 - 5, layer=3, stream=9, offset=2**32 - 300)\n"
+            "    a = rng.counter_weights((1003,), init, 0.3, backend='cpp', **k)\n"
+            "    b = rng.counter_weights((1003,), init, 0.3, backend='reference', **k)\n"
+            "    d = (a.view(torch.int32).long() - b.view(torch.int32).long()).abs()\n"
+            "    assert int(d.max()) <= (1 if init == 'kaiming_normal' else 0), init\n"
+            "print('ok')\n")
+    env = {**os.environ, "MASKPRUNE_PHILOX_AVX2": "0"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]

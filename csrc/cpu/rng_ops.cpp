@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -155,8 +156,45 @@ void counter_weights_cpu(at::Tensor& out, c10::string_view init, double scale, i
   }
 }
 
+// supermask's training draw in one pass (maskprune/masks/supermask.py): with u the "uniform" values of
+// (seed, layer, stream), w_eff = W * 1[u < p] and q = p * (1 - p), p = sigmoid(S) computed by the caller
+// (torch.sigmoid, so that the mask equals the unfused path's to the bit).
+std::tuple<at::Tensor, at::Tensor> supermask_philox_mask_cpu(const at::Tensor& weight, const at::Tensor& probs,
+                                                             int64_t seed, int64_t layer, int64_t stream) {
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat, "weight must be float32, got ", weight.scalar_type());
+  TORCH_CHECK_TYPE(probs.scalar_type() == at::kFloat, "probs must be float32, got ", probs.scalar_type());
+  TORCH_CHECK_VALUE(weight.sizes() == probs.sizes(), "probs must have the weight's shape ", weight.sizes(),
+                    ", got ", probs.sizes());
+  const at::Tensor w = weight.contiguous(), p = probs.contiguous();
+  at::Tensor w_eff = at::empty_like(w), q = at::empty_like(p);
+  const CounterArgs a = check_counter_args(w_eff, "uniform", 1.0, seed, layer, stream, 0);
+  const float* __restrict__ wd = w.data_ptr<float>();
+  const float* __restrict__ pd = p.data_ptr<float>();
+  float* __restrict__ od = w_eff.data_ptr<float>();
+  float* __restrict__ qd = q.data_ptr<float>();
+  at::parallel_for(0, w.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    float u[kBlock];
+    for (int64_t b = begin; b < end; b += kBlock) {
+      const int64_t n = std::min(kBlock, end - b);
+      fill_values<philox::Dist::kUniform>(u, n, static_cast<uint64_t>(b), a);
+      for (int64_t j = 0; j < n; ++j) {
+        // W * M with M = 1[u < p] as a float, as the unfused path multiplies (signed zeros, NaN * 0);
+        // a select, not a branch: the mask bit is a coin flip the branch predictor cannot learn.
+        const float pj = pd[b + j];
+        const float keep = u[j] < pj ? 1.0f : 0.0f;
+        od[b + j] = wd[b + j] * keep;
+        qd[b + j] = pj * (1.0f - pj);
+      }
+    }
+  });
+  return {w_eff, q};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(maskprune, CPU, m) { m.impl("counter_weights_", &counter_weights_cpu); }
+TORCH_LIBRARY_IMPL(maskprune, CPU, m) {
+  m.impl("counter_weights_", &counter_weights_cpu);
+  m.impl("supermask_philox_mask", &supermask_philox_mask_cpu);
+}
 
 }  // namespace maskprune

@@ -68,6 +68,42 @@ class BernoulliSTE(torch.autograd.Function):
         return grad * (p * (1 - p)), None
 
 
+class FusedPhiloxMask(torch.autograd.Function):
+    """W_eff = W ⊙ 1[u < σ(S)] with u the "philox" draw, in one C++ pass (op maskprune::supermask_philox_mask),
+    for a frozen float32 W and float32 scores on CPU; dS = (g ⊙ W) ⊙ σ(1 - σ). The values and gradients
+    equal the unfused path's (uniform_draw, BernoulliSTE, W * M) to the bit: σ is torch.sigmoid, and the
+    products are the same ones in the same order; only the passes over memory are fewer."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, weight: torch.Tensor, key: int, layer: int, stream: int) -> torch.Tensor:
+        p = torch.sigmoid(scores.detach())
+        signed = key - (1 << 64) if key >= (1 << 63) else key  # the op's int64 carries the key's 64 bits
+        w_eff, q = torch.ops.maskprune.supermask_philox_mask(weight.detach(), p, signed, layer, stream)
+        ctx.save_for_backward(weight, q)
+        return w_eff
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, q = ctx.saved_tensors
+        return (grad * weight) * q, None, None, None, None
+
+
+def _fused_op_available() -> bool:
+    """maskprune._C has the CPU kernel of supermask_philox_mask (registers its fake kernel once)."""
+    if ("cpu" not in rng.CPP_DEVICE_TYPES or not hasattr(torch.ops.maskprune, "supermask_philox_mask")
+            or not torch._C._dispatch_has_kernel_for_dispatch_key("maskprune::supermask_philox_mask", "CPU")):
+        return False
+
+    @torch.library.register_fake("maskprune::supermask_philox_mask")
+    def _(weight, probs, seed, layer, stream):
+        return weight.new_empty(weight.shape), probs.new_empty(probs.shape)  # contiguous, as the kernel
+
+    return True
+
+
+_FUSED_OP = _fused_op_available()
+
+
 def _key_hash(*key: int) -> int:
     """A 63-bit seed from a key tuple (blake2b: stable across processes, unlike Python's hash)."""
     digest = hashlib.blake2b(repr(tuple(int(k) for k in key)).encode(), digest_size=8).digest()
@@ -115,19 +151,31 @@ class Supermask(LayerSetPolicy):
         self.step = 0
         self._draws: dict[int, int] = {}
 
-    def _u(self, layer, training: bool) -> torch.Tensor:
+    def _training_key(self, layer) -> tuple[int, int, int]:
+        """(layer index, step, draw) of this training forward; counts the draw."""
         index = self.layer_index(layer)
+        draw = self._draws.get(index, 0)
+        if not torch.is_inference_mode_enabled():
+            self._draws[index] = draw + 1
+        return index, self.step, draw
+
+    def _u(self, layer, training: bool) -> torch.Tensor:
         if training:
-            draw = self._draws.get(index, 0)
-            if not torch.is_inference_mode_enabled():
-                self._draws[index] = draw + 1
-            step = self.step
+            index, step, draw = self._training_key(layer)
         else:
             if self.eval_mask == "expected":
                 return torch.full(layer.scores.shape, 0.5, dtype=torch.float32, device=layer.scores.device)
-            draw, step = 0, EVAL_STEP
+            index, draw, step = self.layer_index(layer), 0, EVAL_STEP
         return uniform_draw(layer.scores.shape, layer.scores.device, generator=self.generator, seed=self.seed,
                             step=step, layer=index, draw=draw)
+
+    def _fused(self, layer, weight: torch.Tensor) -> bool:
+        """Whether this training forward can take FusedPhiloxMask (module docstring of that class)."""
+        scores = layer.scores
+        return (layer.training and self.generator == "philox" and not self.dynamic_scaling and _FUSED_OP
+                and scores.device.type == "cpu" and weight.device.type == "cpu" and scores.dtype == torch.float32
+                and weight.dtype == torch.float32 and not weight.requires_grad
+                and weight.shape == scores.shape and not torch.compiler.is_compiling())
 
     def _mask_value(self, layer, training: bool) -> torch.Tensor:
         """The mask in the scores' dtype, carrying σ'(S) to the scores."""
@@ -135,6 +183,10 @@ class Supermask(LayerSetPolicy):
 
     def effective_weight(self, layer, weight: torch.Tensor | None = None) -> torch.Tensor:
         weight = self._weight(layer, weight)
+        if self._fused(layer, weight):
+            index, step, draw = self._training_key(layer)
+            key = (self.seed & 0xFFFFFFFF) | ((step & 0xFFFFFFFF) << 32)
+            return FusedPhiloxMask.apply(layer.scores, weight, key, index, SUPERMASK_STREAM + draw)
         m = self._mask_value(layer, layer.training)
         w_eff = weight * m.to(weight.dtype)
         if self.dynamic_scaling:
