@@ -41,7 +41,8 @@ Backends (argument `backend` of counter_weights, counter_fill, uniform and init_
 maskprune._C (op maskprune::counter_weights_, csrc/philox.h; CPU, and CUDA in a CUDA build); "triton" the
 kernel of maskprune.triton_rng (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); "auto" picks cpp
 where it has a kernel for the device, else triton on CUDA, else the reference (computed on CPU and copied).
-The reference takes ~20x the C++ kernel's time on one core (README numbers: notes of issue 18).
+On one core the reference takes 100-200x the C++ kernel's time for the exact inits and ~12x for
+kaiming_normal, whose float64 log and cos dominate (scripts/bench_rng.py measures it).
 
 What is guaranteed: signed_constant and kaiming_uniform are bit-identical on every backend that has
 32-bit integer arithmetic and IEEE float32 multiplication (the value is an exact integer times a
@@ -49,7 +50,8 @@ float32 constant: one rounding, nothing for a compiler to fuse). kaiming_normal 
 cos, which libraries round differently: it is bit-identical run to run on one backend, and across
 backends equal except where two float64 results straddle a float32 rounding boundary, then 1 ulp
 (measured: torch's float64 log/cos on CPU against Python's `math`, 0 of 2^20 draws differ;
-tests/test_rng.py checks 2^15).
+tests/test_rng.py checks 2^15; the C++ kernel (glibc) 0 of 2 x 2^20, the Triton interpreter (numpy)
+0 of 2 x 2^18; CUDA's libdevice log/cos not measured yet, tests/test_rng_backends.py allows 1 ulp).
 """
 from __future__ import annotations
 
