@@ -41,7 +41,7 @@ Backends (argument `backend` of counter_weights, counter_fill, uniform and init_
 maskprune._C (op maskprune::counter_weights_, csrc/philox.h; CPU, and CUDA in a CUDA build); "triton" the
 kernel of maskprune.triton_rng (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); "auto" picks cpp
 where it has a kernel for the device, else triton on CUDA, else the reference (computed on CPU and copied).
-On one core the reference takes 100-200x the C++ kernel's time for the exact inits and ~12x for
+On one core the reference takes ~100x the C++ kernel's time for the exact inits and ~12x for
 kaiming_normal, whose float64 log and cos dominate (scripts/bench_rng.py measures it).
 
 What is guaranteed: signed_constant and kaiming_uniform are bit-identical on every backend that has

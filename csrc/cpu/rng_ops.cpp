@@ -67,6 +67,46 @@ MASKPRUNE_TARGET_AVX2 inline void philox8(uint64_t base, uint32_t layer, uint32_
 }
 
 // AVX2 when the CPU has it, unless MASKPRUNE_PHILOX_AVX2=0 (read once; the tests check both paths).
+// philox8 twice, interleaved (elements base .. base + 15): two independent dependency chains per round keep
+// the multiplier busy while the other chain's shifts and blends run.
+MASKPRUNE_TARGET_AVX2 inline void philox16(uint64_t base, uint32_t layer, uint32_t stream, uint32_t k0, uint32_t k1,
+                                           uint32_t* x0, uint32_t* x1) {
+  const __m256i mul_a = _mm256_set1_epi32(static_cast<int>(philox::kMulA));
+  const __m256i mul_b = _mm256_set1_epi32(static_cast<int>(philox::kMulB));
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(base)));
+  __m256i a0 = _mm256_add_epi32(lo, iota), b0 = _mm256_add_epi32(a0, _mm256_set1_epi32(8));
+  __m256i a1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(base >> 32))), b1 = a1;
+  __m256i a2 = _mm256_set1_epi32(static_cast<int>(layer)), b2 = a2;
+  __m256i a3 = _mm256_set1_epi32(static_cast<int>(stream)), b3 = a3;
+  for (int r = 0; r < philox::kRounds; ++r) {
+    if (r) {
+      k0 += philox::kBumpA;
+      k1 += philox::kBumpB;
+    }
+    const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0)), key1 = _mm256_set1_epi32(static_cast<int>(k1));
+    __m256i ahi0, alo0, ahi1, alo1, bhi0, blo0, bhi1, blo1;
+    mulhilo8(mul_a, a0, ahi0, alo0);
+    mulhilo8(mul_a, b0, bhi0, blo0);
+    mulhilo8(mul_b, a2, ahi1, alo1);
+    mulhilo8(mul_b, b2, bhi1, blo1);
+    a0 = _mm256_xor_si256(_mm256_xor_si256(ahi1, a1), key0);
+    b0 = _mm256_xor_si256(_mm256_xor_si256(bhi1, b1), key0);
+    a1 = alo1;
+    b1 = blo1;
+    a2 = _mm256_xor_si256(_mm256_xor_si256(ahi0, a3), key1);
+    b2 = _mm256_xor_si256(_mm256_xor_si256(bhi0, b3), key1);
+    a3 = alo0;
+    b3 = blo0;
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(x0), a0);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(x0 + 8), b0);
+  if (x1 != nullptr) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x1), a1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x1 + 8), b1);
+  }
+}
+
 bool use_avx2() {
   static const bool yes = [] {
     const char* off = std::getenv("MASKPRUNE_PHILOX_AVX2");
@@ -84,10 +124,14 @@ MASKPRUNE_TARGET_AVX2 void fill_values_avx2(float* __restrict__ dst, int64_t n, 
   alignas(32) uint32_t x0[kWords], x1[kWords];
   for (int64_t b = 0; b < n; b += kWords) {
     const int64_t m = std::min(kWords, n - b);
-    for (int64_t j = 0; j < m; j += 8) {
+    for (int64_t j = 0; j < m;) {
       const uint64_t i = base + static_cast<uint64_t>(b + j);
-      if (j + 8 <= m && static_cast<uint32_t>(i) <= 0xFFFFFFFFu - 7) {  // no carry into the high word
+      if (j + 16 <= m && static_cast<uint32_t>(i) <= 0xFFFFFFFFu - 15) {  // no carry into the high word
+        philox16(i, a.layer, a.stream, k0, k1, x0 + j, kTwo ? x1 + j : nullptr);
+        j += 16;
+      } else if (j + 8 <= m && static_cast<uint32_t>(i) <= 0xFFFFFFFFu - 7) {
         philox8(i, a.layer, a.stream, k0, k1, x0 + j, kTwo ? x1 + j : nullptr);
+        j += 8;
       } else {
         for (int64_t q = j; q < std::min(j + 8, m); ++q) {
           const uint64_t iq = base + static_cast<uint64_t>(b + q);
@@ -96,6 +140,7 @@ MASKPRUNE_TARGET_AVX2 void fill_values_avx2(float* __restrict__ dst, int64_t n, 
           x0[q] = w.x0;
           x1[q] = w.x1;
         }
+        j = std::min(j + 8, m);
       }
     }
     for (int64_t j = 0; j < m; ++j) dst[b + j] = philox::value_of(kDist, {x0[j], x1[j], 0, 0}, a.step);
