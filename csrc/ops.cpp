@@ -55,6 +55,14 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(maskprune, m) {
+  // Fills `out` (contiguous) with the counter-based values of maskprune.rng (philox.h): out's element j is
+  // element offset + j of the Philox4x32-10 sequence keyed (seed, layer, stream), seed the int64 bits of the
+  // 64-bit seed; init one of signed_constant, kaiming_uniform, kaiming_normal (weights of scale `scale`) or
+  // uniform (u * scale, u in [0, 1)). Computed in float32, cast to out's dtype.
+  m.def("counter_weights_(Tensor(a!) out, str init, float scale, int seed, int layer, int stream=0, int offset=0) -> ()");
+  // supermask's fused training draw (CPU): (W * 1[u < probs], probs * (1 - probs)), u = counter_weights_'s
+  // "uniform" values of (seed, layer, stream) over the weight's elements; float32 weight and probs.
+  m.def("supermask_philox_mask(Tensor weight, Tensor probs, int seed, int layer, int stream) -> (Tensor, Tensor)");
   // t: the n_keep-th largest key (|S|, or S when abs_scores=False), n_keep = clamp(floor(density*n + 1/2), 1, n).
   // `hint`, a previous t of these scores, may speed the selection up; the result never depends on it.
   m.def("threshold(Tensor scores, float density, bool abs_scores, Tensor? hint=None) -> Tensor");

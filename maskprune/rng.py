@@ -36,13 +36,22 @@ rounded to float32 first; every formula below is one IEEE float32 rounding or ex
                       z = sqrt(-2 ln u1) * cos(2 pi u2)   (Box-Muller, in float64)
                       w = float32(z) * scale               (|z| <= 5.9)
 
+Backends (argument `backend` of counter_weights, counter_fill, uniform and init_weight_counter):
+"reference" is the torch integer-op code of this module, the source of truth; "cpp" the C++ kernels of
+maskprune._C (op maskprune::counter_weights_, csrc/philox.h; CPU, and CUDA in a CUDA build); "triton" the
+kernel of maskprune.triton_rng (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); "auto" picks cpp
+where it has a kernel for the device, else triton on CUDA, else the reference (computed on CPU and copied).
+On one core the reference takes ~100x the C++ kernel's time for the exact inits and ~12x for
+kaiming_normal, whose float64 log and cos dominate (scripts/bench_rng.py measures it).
+
 What is guaranteed: signed_constant and kaiming_uniform are bit-identical on every backend that has
 32-bit integer arithmetic and IEEE float32 multiplication (the value is an exact integer times a
 float32 constant: one rounding, nothing for a compiler to fuse). kaiming_normal goes through log and
 cos, which libraries round differently: it is bit-identical run to run on one backend, and across
 backends equal except where two float64 results straddle a float32 rounding boundary, then 1 ulp
 (measured: torch's float64 log/cos on CPU against Python's `math`, 0 of 2^20 draws differ;
-tests/test_rng.py checks 2^15).
+tests/test_rng.py checks 2^15; the C++ kernel (glibc) 0 of 2 x 2^20, the Triton interpreter (numpy)
+0 of 2 x 2^18; CUDA's libdevice log/cos not measured yet, tests/test_rng_backends.py allows 1 ulp).
 """
 from __future__ import annotations
 
@@ -51,10 +60,15 @@ import struct
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+import os
+
 import torch
 
-__all__ = ["GENERATOR", "WEIGHT_STREAM", "philox4x32", "random_words", "uniform", "counter_weights",
-           "init_weight_counter", "WeightKey", "seed_weights"]
+from . import ops as _ops  # loads maskprune._C (if built): the op maskprune::counter_weights_
+
+__all__ = ["GENERATOR", "WEIGHT_STREAM", "BACKENDS", "DISTRIBUTIONS", "philox4x32", "random_words", "uniform",
+           "counter_fill", "counter_weights", "init_weight_counter", "WeightKey", "seed_weights",
+           "available_backends"]
 
 GENERATOR = "philox4x32-10"
 WEIGHT_STREAM = 0  # counter word c3 of the frozen weights; other streams are free for other uses
@@ -66,6 +80,10 @@ _ROUNDS = 10
 _CHUNK = 1 << 20  # elements generated per pass (bounds the int64 temporaries to a few MiB each)
 # The same names as maskprune.nn.init.WEIGHT_INITS (kept here: nn.init will import this module).
 WEIGHT_INITS = ("signed_constant", "kaiming_normal", "kaiming_uniform")
+# What counter_fill draws: the weight inits, and "uniform" (u * scale with u = (x0 >> 8) * 2^-24 in [0, 1)).
+DISTRIBUTIONS = WEIGHT_INITS + ("uniform",)
+BACKENDS = ("auto", "reference", "cpp", "triton")
+OUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _mulhilo(mul: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,11 +134,11 @@ def random_words(start: int, count: int, *, seed: int, layer: int, stream: int =
     return out[:words]
 
 
-def uniform(shape: Sequence[int], *, seed: int, layer: int, stream: int = WEIGHT_STREAM) -> torch.Tensor:
-    """float32 uniforms u = (x0 >> 8) * 2^-24 in [0, 1), one per element of `shape` (exact: 24 bits)."""
-    n = math.prod(shape)
-    x0, = random_words(0, n, seed=seed, layer=layer, stream=stream, words=1)
-    return ((x0 >> 8).to(torch.float32) * 2.0 ** -24).reshape(tuple(shape))
+def uniform(shape: Sequence[int], *, seed: int, layer: int, stream: int = WEIGHT_STREAM,
+            device: torch.device | str = "cpu", backend: str = "auto") -> torch.Tensor:
+    """float32 uniforms u = (x0 >> 8) * 2^-24 in [0, 1), one per element of `shape` (exact: 24 bits), on `device`."""
+    return counter_weights(shape, "uniform", 1.0, seed=seed, layer=layer, stream=stream, device=device,
+                           backend=backend)
 
 
 def _chunk_values(x0: torch.Tensor, x1: torch.Tensor | None, init: str, scale32: torch.Tensor) -> torch.Tensor:
@@ -129,29 +147,155 @@ def _chunk_values(x0: torch.Tensor, x1: torch.Tensor | None, init: str, scale32:
     if init == "kaiming_uniform":
         step = scale32 * 2.0 ** -23  # exact: a power-of-two scaling of a normal float32
         return ((x0 >> 8) - (1 << 23)).to(torch.float32) * step
+    if init == "uniform":
+        return (x0 >> 8).to(torch.float32) * (scale32 * 2.0 ** -24)
     u1 = ((x0 >> 8).to(torch.float64) + 0.5) * 2.0 ** -24
     u2 = (x1 >> 8).to(torch.float64) * 2.0 ** -24
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
     return z.to(torch.float32) * scale32
 
 
-def counter_weights(shape: Sequence[int], init: str, scale: float, *, seed: int, layer: int,
-                    stream: int = WEIGHT_STREAM) -> torch.Tensor:
-    """A float32 CPU tensor of `shape` holding the `init` weights of (seed, layer, stream) (module doc)."""
-    if init not in WEIGHT_INITS:
-        raise ValueError(f"init must be one of {WEIGHT_INITS}, got {init!r}")
-    scale32 = torch.tensor(scale, dtype=torch.float32, device="cpu")
-    if not (math.isfinite(scale) and scale > 0 and float(scale32) >= 2.0 ** -100):
-        raise ValueError(f"scale must be a finite float32 > 2^-100, got {scale!r}")
-    shape = tuple(int(d) for d in shape)
-    n = math.prod(shape)
-    out = torch.empty(n, dtype=torch.float32, device="cpu")
+def _reference_fill(out: torch.Tensor, init: str, scale32: torch.Tensor, seed: int, layer: int, stream: int,
+                    offset: int) -> None:
+    """The torch integer-op generator (the source of truth), computed on CPU in chunks and copied into out."""
+    flat = out.view(-1)
+    n = flat.numel()
     words = 2 if init == "kaiming_normal" else 1
     for start in range(0, n, _CHUNK):
         count = min(_CHUNK, n - start)
-        xs = random_words(start, count, seed=seed, layer=layer, stream=stream, words=words)
-        out[start:start + count] = _chunk_values(xs[0], xs[1] if words == 2 else None, init, scale32)
-    return out.reshape(shape)
+        xs = random_words(offset + start, count, seed=seed, layer=layer, stream=stream, words=words)
+        flat[start:start + count] = _chunk_values(xs[0], xs[1] if words == 2 else None, init, scale32)
+
+
+def _cpp_device_types() -> frozenset[str]:
+    """Device types on which maskprune._C has a counter_weights_ kernel (read once; empty without _C)."""
+    if not _ops.HAS_CPP or not hasattr(torch.ops.maskprune, "counter_weights_"):
+        return frozenset()
+    keys = {"cpu": "CPU", "cuda": "CUDA"}
+    return frozenset(d for d, key in keys.items()
+                     if torch._C._dispatch_has_kernel_for_dispatch_key("maskprune::counter_weights_", key))
+
+
+CPP_DEVICE_TYPES = _cpp_device_types()
+if CPP_DEVICE_TYPES:
+    @torch.library.register_fake("maskprune::counter_weights_")
+    def _(out, init, scale, seed, layer, stream=0, offset=0):
+        return None
+
+
+def _triton_module():
+    """maskprune.triton_rng, or None when triton does not import (or MASKPRUNE_NO_TRITON=1)."""
+    if os.environ.get("MASKPRUNE_NO_TRITON") == "1":
+        return None
+    try:
+        from . import triton_rng
+    except ImportError:
+        return None
+    return triton_rng
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_available() and _triton_module() is not None
+    return (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and _triton_module() is not None
+            and _triton_module().INTERPRET)
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backends that run on `device`, in the order "auto" tries them ("reference" runs everywhere)."""
+    device = torch.device(device)
+    names = []
+    if device.type in CPP_DEVICE_TYPES:
+        names.append("cpp")
+    if device.type == "cuda" and _triton_runs_on(device):
+        names.append("triton")
+    names.append("reference")
+    if device.type == "cpu" and _triton_runs_on(device):
+        names.append("triton")  # the interpreter: for tests, never picked by "auto" on CPU
+    return names
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    available = available_backends(device)
+    if backend == "auto":
+        return available[0]
+    if backend not in available:
+        why = {"cpp": "maskprune._C did not load, is an older build without counter_weights_, or has no "
+                      f"kernel for {device.type}",
+               "triton": "triton does not import, or the tensor is on CPU without TRITON_INTERPRET=1"}[backend]
+        raise ValueError(f"backend {backend!r} is not available on {device} ({why}); available there: "
+                         f"{', '.join(available)}")
+    return backend
+
+
+def _check_scale(scale: float) -> torch.Tensor:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a finite float32 > 2^-100, got {scale!r}")
+    scale32 = torch.tensor(float(scale), dtype=torch.float32, device="cpu")
+    if not (math.isfinite(scale) and scale > 0 and float(scale32) >= 2.0 ** -100):
+        raise ValueError(f"scale must be a finite float32 > 2^-100, got {scale!r}")
+    return scale32
+
+
+def counter_fill(out: torch.Tensor, init: str, scale: float, *, seed: int, layer: int, stream: int = WEIGHT_STREAM,
+                 offset: int = 0, backend: str = "auto") -> torch.Tensor:
+    """Writes the `init` values of (seed, layer, stream) into `out` and returns it: out's j-th element (row-major)
+    is element offset + j of the sequence (module doc), computed in float32 and cast to out's dtype.
+
+    `init` is one of DISTRIBUTIONS; `scale` is rounded to float32 first. Every backend gives the same bits
+    (kaiming_normal: within 1 float32 ulp, module doc). A non-contiguous `out` is filled through a copy.
+    """
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.dtype not in OUT_DTYPES:
+        raise TypeError(f"out must have dtype in ({', '.join(str(d)[6:] for d in OUT_DTYPES)}), "
+                        f"got {str(out.dtype)[6:]}")
+    if init not in DISTRIBUTIONS:
+        raise ValueError(f"init must be one of {DISTRIBUTIONS}, got {init!r}")
+    scale32 = _check_scale(scale)
+    _check_u32(seed, "seed", 64)
+    _check_u32(layer, "layer")
+    _check_u32(stream, "stream")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= (1 << 63) - 1 - out.numel():
+        raise ValueError(f"offset must be an int in [0, 2^63 - numel], got {offset!r}")
+    chosen = _resolve_backend(backend, out.device)
+    target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    if chosen == "cpp":
+        signed_seed = seed - (1 << 64) if seed >= (1 << 63) else seed  # the op's int64 carries the seed's bits
+        torch.ops.maskprune.counter_weights_(target, init, float(scale32), signed_seed, layer, stream, offset)
+    elif chosen == "triton":
+        _triton_module().counter_fill(target, init, float(scale32), seed=seed, layer=layer, stream=stream,
+                                      offset=offset)
+    elif target.device.type == "cpu" and target.dtype == torch.float32:
+        _reference_fill(target, init, scale32, seed, layer, stream, offset)
+    else:
+        values = torch.empty(target.shape, dtype=torch.float32, device="cpu")
+        _reference_fill(values, init, scale32, seed, layer, stream, offset)
+        target.copy_(values)
+    if target is not out:
+        out.copy_(target)
+    return out
+
+
+def counter_weights(shape: Sequence[int], init: str, scale: float, *, seed: int, layer: int,
+                    stream: int = WEIGHT_STREAM, offset: int = 0, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
+    """A tensor of `shape` (float32 on CPU by default) holding the `init` weights of (seed, layer, stream):
+    elements offset .. offset + numel - 1 of the sequence (module doc); see counter_fill."""
+    if init not in DISTRIBUTIONS:
+        raise ValueError(f"init must be one of {DISTRIBUTIONS}, got {init!r}")
+    try:
+        shape = tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"shape must be a sequence of non-negative ints, got {shape!r}") from None
+    if any(d < 0 for d in shape):
+        raise ValueError(f"shape must be a sequence of non-negative ints, got {shape!r}")
+    if dtype not in OUT_DTYPES:
+        raise TypeError(f"dtype must be one of ({', '.join(str(d)[6:] for d in OUT_DTYPES)}), got {dtype!r}")
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return counter_fill(out, init, scale, seed=seed, layer=layer, stream=stream, offset=offset, backend=backend)
 
 
 def _relu_std(shape: Sequence[int], density: float, scale_fan: bool) -> float:
@@ -180,11 +324,13 @@ class WeightKey:
     stream: int = WEIGHT_STREAM
     generator: str = GENERATOR
 
-    def generate(self, shape: Sequence[int]) -> torch.Tensor:
-        """The float32 weight of `shape` (on CPU)."""
+    def generate(self, shape: Sequence[int], *, device: torch.device | str = "cpu",
+                 backend: str = "auto") -> torch.Tensor:
+        """The float32 weight of `shape` (on `device`, by `backend`: see counter_fill)."""
         if self.generator != GENERATOR:
             raise ValueError(f"generator must be {GENERATOR!r}, got {self.generator!r}")
-        return counter_weights(shape, self.init, self.scale, seed=self.seed, layer=self.layer, stream=self.stream)
+        return counter_weights(shape, self.init, self.scale, seed=self.seed, layer=self.layer, stream=self.stream,
+                               device=device, backend=backend)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -192,13 +338,14 @@ class WeightKey:
 
 @torch.no_grad()
 def init_weight_counter(weight: torch.Tensor, init: str, *, seed: int, layer: int, density: float = 1.0,
-                        scale_fan: bool = False) -> WeightKey:
+                        scale_fan: bool = False, backend: str = "auto") -> WeightKey:
     """Fills `weight` in place from the counter-based generator; a drop-in for nn.init.init_weight.
 
     Same distributions and scales as maskprune.nn.init.init_weight (std = sqrt(2 / fan_in), fan_in
     times `density` when `scale_fan`; kaiming_uniform's bound sqrt(3) * std), but the numbers are a
     function of (seed, layer, element index) only. Returns the key that regenerates them; a weight of
-    another dtype gets the float32 values cast.
+    another dtype gets the float32 values cast. `backend`: see counter_fill (the weight's device decides
+    what "auto" picks).
     """
     if init not in WEIGHT_INITS:
         raise ValueError(f"init must be one of {WEIGHT_INITS}, got {init!r}")
@@ -209,8 +356,12 @@ def init_weight_counter(weight: torch.Tensor, init: str, *, seed: int, layer: in
     scale32 = struct.unpack("<f", struct.pack("<f", scale))[0]  # rounded to float32 (round to nearest even)
     key = WeightKey(init=init, scale=scale32,
                     seed=_check_u32(seed, "seed", 64), layer=_check_u32(layer, "layer"))
-    if not weight.is_meta:  # on the meta device (shape checks) only the key is made
-        weight.copy_(key.generate(weight.shape))
+    if weight.is_meta:  # on the meta device (shape checks) only the key is made
+        _resolve_backend(backend, torch.device("cpu"))  # still reject a bad name
+    elif weight.dtype in OUT_DTYPES:
+        counter_fill(weight, init, scale32, seed=key.seed, layer=key.layer, stream=key.stream, backend=backend)
+    else:
+        weight.copy_(key.generate(weight.shape, device=weight.device, backend=backend))
     return key
 
 

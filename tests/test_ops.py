@@ -1136,6 +1136,8 @@ def opcheck_samples():
         ("masked_linear_backward", (r(3, 5), x, w, s, t, True, False, False), {}),
         ("masked_linear_backward", (r(3, 5), x, w, s, t, True, True, True),
          {"signs": torch.ops.maskprune.threshold_and_mask_signs(w, s, 0.5, True)[2]}),
+        ("counter_weights_", (r(5, 7), "kaiming_uniform", 0.1, 3, 1), {"stream": 2, "offset": 5}),  # rng (more: test_rng_backends)
+        ("supermask_philox_mask", (w, torch.sigmoid(s), 3, 1, 2), {}),
     ]
 
 
