@@ -97,10 +97,11 @@ TORCH_LIBRARY(maskprune, m) {
   // (Q, α) with W_eff = α Q: Q = W ⊙ 1[key >= t] (topk: |S|, raw: S), W ⊙ sign(S) ⊙ 1[|S| >= t] (signed),
   // sign(W) ⊙ 1[|S| >= t] with α = ‖M ⊙ W‖₁ / ‖M‖₀ found in the same pass (binary), W ⊙ 1[u < σ(S)] (sampled; t
   // unused); α = 1 except for binary, a 0-d tensor of the weight's dtype promoted to >= float32. `u`: exactly for
-  // sampled. Q in `dtype` (default the weight's).
+  // sampled. Q in `dtype` (default the weight's). Third output: for sampled D = σ'(S) ⊙ W in the scores' dtype
+  // (the backward's dS is D ⊙ ∂L/∂W_eff, with no second σ), else an empty tensor.
   m.def(
       "policy_mask(Tensor weight, Tensor scores, Tensor t, str mode, Tensor? u=None, ScalarType? dtype=None) "
-      "-> (Tensor, Tensor)");
+      "-> (Tensor, Tensor, Tensor)");
   // α Q, with the straight-through dS of the mode (policy_score_grad).
   m.def(
       "policy_apply_mask(Tensor weight, Tensor scores, Tensor t, str mode, Tensor? u=None, ScalarType? dtype=None) "

@@ -537,7 +537,8 @@ if HAS_CPP:
     @torch.library.register_fake(_lib + "policy_mask")
     def _(weight, scores, t, mode, u=None, dtype=None):
         alpha = scores.new_empty((), dtype=torch.promote_types(weight.dtype, torch.float32))
-        return weight.new_empty(weight.shape, dtype=dtype or weight.dtype), alpha
+        deriv = scores.new_empty(scores.shape if mode == "sampled" else (0,))
+        return weight.new_empty(weight.shape, dtype=dtype or weight.dtype), alpha, deriv
 
     @torch.library.register_fake(_lib + "policy_apply_mask")
     def _(weight, scores, t, mode, u=None, dtype=None):

@@ -74,8 +74,18 @@ void check_cpu(const at::Tensor& t, const char* name) {
 
 // e^x for float32, branch-free and vectorisable (Cephes expf: |relative error| < 2 ulp on [-87, 88]); glibc's
 // expf is not vectorised without -ffast-math, and a scalar call per weight made the sampled pass 10x slower.
-inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+#if defined(__GNUC__)
+#define MP_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define MP_ALWAYS_INLINE inline
+#endif
+
+// (always inlined: a call per weight kept the loops from vectorising)
+MP_ALWAYS_INLINE float exp_approx(float x) {
+  // clamped to [-87, 88] with 0/1 factors: GCC vectorises these selects (not std::min/max, whose nested float
+  // branches it does not if-convert without -fno-trapping-math); x is finite (the scores are)
+  const float over = static_cast<float>(x > 88.0f), under = static_cast<float>(x < -87.0f);
+  x = x * (1.0f - over - under) + 88.0f * over - 87.0f * under;
   const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   float r = x - k * 0.693359375f;
   r = r - k * -2.12194440e-4f;
@@ -94,7 +104,7 @@ inline float exp_approx(float x) {
 }
 
 template <typename score_t>
-inline score_t sigmoid_of(score_t s) {
+MP_ALWAYS_INLINE score_t sigmoid_of(score_t s) {
   if constexpr (std::is_same_v<score_t, float>) {
     return 1.0f / (1.0f + exp_approx(-s));
   } else {
@@ -115,36 +125,65 @@ using acc_type = std::conditional_t<std::is_same_v<weight_t, double> || std::is_
 // blocks of 256 in the accumulation type, then in double, so that the loop still vectorises).
 template <Mode kMode, typename score_t, typename weight_t, typename out_t>
 void mask_slice(const weight_t* __restrict__ w, const score_t* __restrict__ s, const score_t* __restrict__ u,
-                out_t* __restrict__ out, score_t thr, int64_t begin, int64_t end, double* l1, int64_t* kept) {
+                out_t* __restrict__ out, score_t* __restrict__ deriv, score_t thr, int64_t begin, int64_t end,
+                double* l1, int64_t* kept) {
   using acc_t = acc_type<weight_t, out_t>;
   if constexpr (kMode == Mode::kBinary) {
+    // per-lane partial sums (a float reduction vectorises only when written per lane), moved into double every
+    // kFlush elements so that the float error stays that of a short sum
+    constexpr int kLanes = 16;
+    constexpr int64_t kFlush = 1024;
+    acc_t lane[kLanes] = {};
+    int32_t count[kLanes] = {};
     double total = 0.0;
-    int64_t count = 0;
-    for (int64_t b0 = begin; b0 < end; b0 += 256) {
-      const int64_t b1 = std::min(end, b0 + 256);
-      acc_t block = 0;
-      int32_t n = 0;
-      for (int64_t i = b0; i < b1; ++i) {
-        const acc_t keep = std::abs(s[i]) >= thr ? acc_t(1) : acc_t(0);
-        const acc_t wi = static_cast<acc_t>(w[i]);
-        out[i] = static_cast<out_t>(sign_value(wi) * keep);
-        block += std::abs(wi) * keep;
-        n += std::abs(s[i]) >= thr;
+    int64_t kept_total = 0;
+    auto flush = [&] {
+      for (int j = 0; j < kLanes; ++j) {
+        total += static_cast<double>(lane[j]);
+        kept_total += count[j];
+        lane[j] = acc_t(0);
+        count[j] = 0;
       }
-      total += static_cast<double>(block);
-      count += n;
+    };
+    int64_t i = begin;
+    for (int64_t since = 0; i + kLanes <= end; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const acc_t keep = std::abs(s[i + j]) >= thr ? acc_t(1) : acc_t(0);
+        const acc_t wi = static_cast<acc_t>(w[i + j]);
+        out[i + j] = static_cast<out_t>(sign_value(wi) * keep);
+        lane[j] += std::abs(wi) * keep;
+        count[j] += std::abs(s[i + j]) >= thr ? 1 : 0;
+      }
+      if ((since += kLanes) >= kFlush) {
+        flush();
+        since = 0;
+      }
     }
+    for (; i < end; ++i) {
+      const acc_t keep = std::abs(s[i]) >= thr ? acc_t(1) : acc_t(0);
+      const acc_t wi = static_cast<acc_t>(w[i]);
+      out[i] = static_cast<out_t>(sign_value(wi) * keep);
+      lane[0] += std::abs(wi) * keep;
+      count[0] += std::abs(s[i]) >= thr ? 1 : 0;
+    }
+    flush();
     *l1 += total;
-    *kept += count;
+    *kept += kept_total;
+  } else if constexpr (kMode == Mode::kSampled) {
+    // σ(S) once: the mask u < σ(S), and D = σ'(S) ⊙ W for the backward (whose dS is then D ⊙ g, no exp again)
+    for (int64_t i = begin; i < end; ++i) {
+      const score_t p = sigmoid_of(s[i]);
+      const acc_t keep = u[i] < p ? acc_t(1) : acc_t(0);
+      out[i] = static_cast<out_t>(static_cast<acc_t>(w[i]) * keep);
+      deriv[i] = (p * (score_t(1) - p)) * static_cast<score_t>(w[i]);
+    }
   } else {
     for (int64_t i = begin; i < end; ++i) {
       acc_t keep;
       if constexpr (kMode == Mode::kTopK || kMode == Mode::kSigned) {
         keep = std::abs(s[i]) >= thr ? acc_t(1) : acc_t(0);
-      } else if constexpr (kMode == Mode::kRaw) {
-        keep = s[i] >= thr ? acc_t(1) : acc_t(0);
       } else {
-        keep = u[i] < sigmoid_of(s[i]) ? acc_t(1) : acc_t(0);
+        keep = s[i] >= thr ? acc_t(1) : acc_t(0);
       }
       if constexpr (kMode == Mode::kSigned) keep *= static_cast<acc_t>(sign_value(s[i]));
       out[i] = static_cast<out_t>(static_cast<acc_t>(w[i]) * keep);
@@ -153,14 +192,14 @@ void mask_slice(const weight_t* __restrict__ w, const score_t* __restrict__ s, c
 }
 
 template <typename score_t, typename weight_t, typename out_t>
-void mask_dispatch(Mode mode, const weight_t* w, const score_t* s, const score_t* u, out_t* out, score_t thr,
-                   int64_t begin, int64_t end, double* l1, int64_t* kept) {
+void mask_dispatch(Mode mode, const weight_t* w, const score_t* s, const score_t* u, out_t* out, score_t* deriv,
+                   score_t thr, int64_t begin, int64_t end, double* l1, int64_t* kept) {
   switch (mode) {
-    case Mode::kTopK: return mask_slice<Mode::kTopK>(w, s, u, out, thr, begin, end, l1, kept);
-    case Mode::kRaw: return mask_slice<Mode::kRaw>(w, s, u, out, thr, begin, end, l1, kept);
-    case Mode::kSigned: return mask_slice<Mode::kSigned>(w, s, u, out, thr, begin, end, l1, kept);
-    case Mode::kBinary: return mask_slice<Mode::kBinary>(w, s, u, out, thr, begin, end, l1, kept);
-    case Mode::kSampled: return mask_slice<Mode::kSampled>(w, s, u, out, thr, begin, end, l1, kept);
+    case Mode::kTopK: return mask_slice<Mode::kTopK>(w, s, u, out, deriv, thr, begin, end, l1, kept);
+    case Mode::kRaw: return mask_slice<Mode::kRaw>(w, s, u, out, deriv, thr, begin, end, l1, kept);
+    case Mode::kSigned: return mask_slice<Mode::kSigned>(w, s, u, out, deriv, thr, begin, end, l1, kept);
+    case Mode::kBinary: return mask_slice<Mode::kBinary>(w, s, u, out, deriv, thr, begin, end, l1, kept);
+    case Mode::kSampled: return mask_slice<Mode::kSampled>(w, s, u, out, deriv, thr, begin, end, l1, kept);
   }
 }
 
@@ -169,8 +208,9 @@ at::ScalarType alpha_dtype(const at::Tensor& weight) {
   return at::promote_types(weight.scalar_type(), at::kFloat);
 }
 
-// (Q, α) on CPU: Q = W_eff / α written in one pass in `dtype` (default the weight's), α a 0-d tensor.
-std::tuple<at::Tensor, at::Tensor> policy_mask_cpu(const at::Tensor& weight, const at::Tensor& scores,
+// (Q, α, D) on CPU: Q = W_eff / α written in one pass in `dtype` (default the weight's), α a 0-d tensor, and for
+// "sampled" D = σ'(S) ⊙ W (the scores' dtype) written by the same pass (else an empty tensor).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_mask_cpu(const at::Tensor& weight, const at::Tensor& scores,
                                                    const at::Tensor& t, c10::string_view mode_name,
                                                    const std::optional<at::Tensor>& u,
                                                    std::optional<at::ScalarType> dtype) {
@@ -182,6 +222,7 @@ std::tuple<at::Tensor, at::Tensor> policy_mask_cpu(const at::Tensor& weight, con
   // u in the scores' dtype: the compare u < σ(S) is made there (as the reference does)
   const at::Tensor uc = mode == Mode::kSampled ? u->to(s.scalar_type()).contiguous() : at::Tensor();
   auto out = pooled_empty(weight.sizes(), weight.options().dtype(dtype.value_or(weight.scalar_type())));
+  auto deriv = mode == Mode::kSampled ? pooled_empty(scores.sizes(), scores.options()) : at::empty({0}, scores.options());
   const int64_t n = s.numel();
   const int threads = at::get_num_threads();
   std::vector<double> l1(threads, 0.0);
@@ -191,6 +232,7 @@ std::tuple<at::Tensor, at::Tensor> policy_mask_cpu(const at::Tensor& weight, con
     const score_t thr = t.item<score_t>();
     const score_t* sp = s.data_ptr<score_t>();
     const score_t* up = uc.defined() ? uc.data_ptr<score_t>() : nullptr;
+    score_t* dp = mode == Mode::kSampled ? deriv.data_ptr<score_t>() : nullptr;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "maskprune_policy_mask_w", [&] {
       using weight_t = scalar_t;
       const weight_t* wp = w.data_ptr<weight_t>();
@@ -198,7 +240,8 @@ std::tuple<at::Tensor, at::Tensor> policy_mask_cpu(const at::Tensor& weight, con
         scalar_t* op = out.data_ptr<scalar_t>();
         at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
           const int tid = at::get_thread_num();
-          mask_dispatch<score_t, weight_t, scalar_t>(mode, wp, sp, up, op, thr, begin, end, &l1[tid], &kept[tid]);
+          mask_dispatch<score_t, weight_t, scalar_t>(mode, wp, sp, up, op, dp, thr, begin, end, &l1[tid],
+                                                     &kept[tid]);
         });
       });
     });
@@ -213,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor> policy_mask_cpu(const at::Tensor& weight, con
     }
     alpha = total / static_cast<double>(std::max<int64_t>(count, 1));
   }
-  return {out, at::scalar_tensor(alpha, at::TensorOptions().dtype(alpha_dtype(weight)))};
+  return {out, at::scalar_tensor(alpha, at::TensorOptions().dtype(alpha_dtype(weight))), deriv};
 }
 
 // dS = factor(S) ⊙ W ⊙ g into `out` (scores' dtype, contiguous; may alias g when the dtypes match).
@@ -305,13 +348,13 @@ at::Tensor policy_linear_score_grad_cpu(const at::Tensor& grad_out, const at::Te
 
 // ---- device-generic composites over the ops above (through the dispatcher) ----
 
-std::tuple<at::Tensor, at::Tensor> call_policy_mask(const at::Tensor& weight, const at::Tensor& scores,
-                                                    const at::Tensor& t, c10::string_view mode,
-                                                    const std::optional<at::Tensor>& u,
-                                                    std::optional<at::ScalarType> dtype) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_policy_mask(const at::Tensor& weight, const at::Tensor& scores,
+                                                                const at::Tensor& t, c10::string_view mode,
+                                                                const std::optional<at::Tensor>& u,
+                                                                std::optional<at::ScalarType> dtype) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("maskprune::policy_mask", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                  const at::Tensor&, c10::string_view,
                                                                  const std::optional<at::Tensor>&,
                                                                  std::optional<at::ScalarType>)>();
@@ -341,19 +384,19 @@ at::Tensor call_policy_linear_score_grad(const at::Tensor& grad_out, const at::T
 at::Tensor policy_apply_mask(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& t,
                              c10::string_view mode, const std::optional<at::Tensor>& u,
                              std::optional<at::ScalarType> dtype) {
-  auto [q, alpha] = call_policy_mask(weight, scores, t, mode, u, dtype);
+  auto [q, alpha, deriv] = call_policy_mask(weight, scores, t, mode, u, dtype);
   if (parse_mode(mode) == Mode::kBinary) q.mul_(alpha.to(q.scalar_type()));
   return q;
 }
 
-// (Y, Q, α): Y = α · X Qᵀ (+ b) in x's dtype, α applied to the GEMM's output.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_linear_keeping_weight(
+// (Y, Q, α, D): Y = α · X Qᵀ (+ b) in x's dtype, α applied to the GEMM's output; D as policy_mask's.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_linear_keeping_weight(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& t,
     const std::optional<at::Tensor>& bias, c10::string_view mode, const std::optional<at::Tensor>& u) {
   check_linear_args(x, weight, scores, t);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) check_linear_bias(*bias, weight);
-  auto [q, alpha] = call_policy_mask(weight, scores, t, mode, u, x.scalar_type());
+  auto [q, alpha, deriv] = call_policy_mask(weight, scores, t, mode, u, x.scalar_type());
   at::Tensor y;
   if (parse_mode(mode) == Mode::kBinary) {
     y = at::linear(x, q);
@@ -364,7 +407,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_linear_keeping_weight(
     if (has_bias) b = bias->to(x.scalar_type());
     y = at::linear(x, q, b);
   }
-  return {std::move(y), std::move(q), std::move(alpha)};
+  return {std::move(y), std::move(q), std::move(alpha), std::move(deriv)};
 }
 
 at::Tensor policy_masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores,
@@ -413,12 +456,12 @@ struct PolicyLinearFunction : public torch::autograd::Function<PolicyLinearFunct
                             const at::Tensor& scores, const at::Tensor& t, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& u, std::string mode) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, q, alpha] = policy_linear_keeping_weight(x, weight, scores, t, bias, mode, u);
+    auto [y, q, alpha, deriv] = policy_linear_keeping_weight(x, weight, scores, t, bias, mode, u);
     const bool has_bias = bias.has_value() && bias->defined();
     ctx->saved_data["mode"] = mode;
     ctx->saved_data["has_bias"] = has_bias;
     if (has_bias) ctx->saved_data["bias_dtype"] = bias->scalar_type();
-    ctx->save_for_backward({x, weight, scores, u.has_value() ? *u : at::Tensor(), q, alpha});
+    ctx->save_for_backward({x, weight, scores, u.has_value() ? *u : at::Tensor(), q, alpha, deriv});
     return y;
   }
 
@@ -435,7 +478,11 @@ struct PolicyLinearFunction : public torch::autograd::Function<PolicyLinearFunct
         if (parse_mode(mode) == Mode::kBinary) grad_x.mul_(alpha.to(x.scalar_type()));
       }
       if (ctx->needs_input_grad(2)) {
-        grad_scores = call_policy_linear_score_grad(g, x, weight, scores, mode, optional_of(saved[3]));
+        if (parse_mode(mode) == Mode::kSampled) {  // dS = D ⊙ (gᵀX) with D = σ'(S) ⊙ W from the forward
+          grad_scores = call_policy_linear_score_grad(g, x, saved[6], scores, "raw", std::nullopt);
+        } else {
+          grad_scores = call_policy_linear_score_grad(g, x, weight, scores, mode, optional_of(saved[3]));
+        }
       }
       if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(4)) {
         grad_bias = grad.reshape({-1, grad.size(-1)}).sum(0).to(ctx->saved_data["bias_dtype"].toScalarType());

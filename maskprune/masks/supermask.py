@@ -17,6 +17,11 @@ dS = σ'(S) ⊙ W ⊙ ∂L/∂W_eff with σ' = σ(1 - σ) (here a torch.autograd
 dynamic scaling their multiplier n / Σ(sample + σ - sg(σ)) also carries a gradient to every score; the
 same happens here, because the multiplier is computed from the Function's output (autograd adds
 -n/(ΣM)² · Σ(W ⊙ M ⊙ g) · σ'(S) to every dS).
+On CPU without dynamic scaling the layer runs the fused op's "sampled" mode (ops.policy_masked_linear /
+policy_apply_mask, u an input): one pass writes W ⊙ 1[u < σ(S)] (σ from a vectorised float32 exp within 2 ulp of
+torch's, so a weight whose u lies within a few ulp of σ(S) may fall the other way than under torch.sigmoid), and
+dS = σ'(S) ⊙ W ⊙ g is one pass over the weight-gradient GEMM's output. Elsewhere (CUDA, Triton: no kernel of
+that mode yet; dynamic scaling) the torch path (`BernoulliSTE`).
 
 Defaults. Their scores start at the constant `sigmoid_bias` (default 0: σ = 0.5, half the weights kept
 in expectation). Here the constant is `score_init`, default logit(density), so that the expected
@@ -44,7 +49,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .. import rng
+from .. import ops, rng
 from .base import (LayerSetPolicy, bool_option, choice_option, fill_scores, float_option, int_option,
                    linear_out)
 
@@ -134,8 +139,15 @@ class Supermask(LayerSetPolicy):
         """The mask in the scores' dtype, carrying σ'(S) to the scores."""
         return BernoulliSTE.apply(layer.scores, self._u(layer, training).to(layer.scores.dtype))
 
+    def _fused(self, device: torch.device, layer) -> bool:
+        """Whether the layer's forward runs the fused "sampled" op (CPU, no dynamic scaling)."""
+        return not self.dynamic_scaling and ops.policy_fused(device, layer.backend)
+
     def effective_weight(self, layer, weight: torch.Tensor | None = None) -> torch.Tensor:
         weight = self._weight(layer, weight)
+        if self._fused(weight.device, layer):
+            return ops.policy_apply_mask(weight, layer.scores, None, "sampled", u=self._u(layer, layer.training),
+                                         backend=layer.backend)
         m = self._mask_value(layer, layer.training)
         w_eff = weight * m.to(weight.dtype)
         if self.dynamic_scaling:
@@ -143,6 +155,9 @@ class Supermask(LayerSetPolicy):
         return w_eff
 
     def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if self._fused(x.device, layer):
+            return ops.policy_masked_linear(x, layer.weight, layer.scores, None, layer.bias, mode="sampled",
+                                            u=self._u(layer, layer.training), backend=layer.backend)
         return linear_out(x, self.effective_weight(layer), layer.bias)
 
     @torch.no_grad()
