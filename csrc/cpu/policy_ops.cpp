@@ -46,6 +46,12 @@ Mode parse_mode(c10::string_view mode) {
 
 constexpr int64_t kGrain = 1 << 15;
 
+// t in `dtype`, cast only when needed: aten::to hands back its input for the same dtype, and an operator below
+// autograd must not return (an alias of) an input (opcheck).
+at::Tensor cast_to(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
 // u: given exactly for "sampled", a float32/float64 tensor of the scores' shape on their device.
 void check_u(Mode mode, const std::optional<at::Tensor>& u, const at::Tensor& scores) {
   const bool given = u.has_value() && u->defined();
@@ -220,7 +226,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_mask_cpu(const at::Tensor&
   const auto w = weight.contiguous();
   const auto s = scores.contiguous();
   // u in the scores' dtype: the compare u < σ(S) is made there (as the reference does)
-  const at::Tensor uc = mode == Mode::kSampled ? u->to(s.scalar_type()).contiguous() : at::Tensor();
+  // (cast only when needed: aten::to hands back its input for the same dtype, which opcheck flags)
+  const at::Tensor uc = mode != Mode::kSampled                     ? at::Tensor()
+                        : u->scalar_type() == s.scalar_type() ? u->contiguous()
+                                                              : u->to(s.scalar_type()).contiguous();
   auto out = pooled_empty(weight.sizes(), weight.options().dtype(dtype.value_or(weight.scalar_type())));
   auto deriv = mode == Mode::kSampled ? pooled_empty(scores.sizes(), scores.options()) : at::empty({0}, scores.options());
   const int64_t n = s.numel();
@@ -332,7 +341,7 @@ at::Tensor policy_linear_score_grad_cpu(const at::Tensor& grad_out, const at::Te
   check_cpu(x, "x");
   const int64_t out_features = weight.size(0), in_features = weight.size(1);
   const int64_t rows = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
-  const auto g2d = grad_out.to(x.scalar_type()).reshape({rows, out_features});
+  const auto g2d = cast_to(grad_out, x.scalar_type()).reshape({rows, out_features});
   const auto x2d = x.reshape({rows, in_features});
   const auto s = scores.contiguous();
   const bool in_place = x.scalar_type() == s.scalar_type();
@@ -385,7 +394,7 @@ at::Tensor policy_apply_mask(const at::Tensor& weight, const at::Tensor& scores,
                              c10::string_view mode, const std::optional<at::Tensor>& u,
                              std::optional<at::ScalarType> dtype) {
   auto [q, alpha, deriv] = call_policy_mask(weight, scores, t, mode, u, dtype);
-  if (parse_mode(mode) == Mode::kBinary) q.mul_(alpha.to(q.scalar_type()));
+  if (parse_mode(mode) == Mode::kBinary) q.mul_(cast_to(alpha, q.scalar_type()));
   return q;
 }
 
@@ -400,11 +409,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_linear_keeping
   at::Tensor y;
   if (parse_mode(mode) == Mode::kBinary) {
     y = at::linear(x, q);
-    y.mul_(alpha.to(x.scalar_type()));
-    if (has_bias) y.add_(bias->to(x.scalar_type()));
+    y.mul_(cast_to(alpha, x.scalar_type()));
+    if (has_bias) y.add_(cast_to(*bias, x.scalar_type()));
   } else {
     std::optional<at::Tensor> b;
-    if (has_bias) b = bias->to(x.scalar_type());
+    if (has_bias) b = cast_to(*bias, x.scalar_type());
     y = at::linear(x, q, b);
   }
   return {std::move(y), std::move(q), std::move(alpha), std::move(deriv)};
@@ -472,10 +481,10 @@ struct PolicyLinearFunction : public torch::autograd::Function<PolicyLinearFunct
     at::Tensor grad_x, grad_scores, grad_bias;
     if (grad.defined()) {
       const auto mode = ctx->saved_data["mode"].toStringRef();
-      const auto g = grad.to(x.scalar_type());
+      const auto g = cast_to(grad, x.scalar_type());
       if (ctx->needs_input_grad(0)) {
         grad_x = at::matmul(g, q);
-        if (parse_mode(mode) == Mode::kBinary) grad_x.mul_(alpha.to(x.scalar_type()));
+        if (parse_mode(mode) == Mode::kBinary) grad_x.mul_(cast_to(alpha, x.scalar_type()));
       }
       if (ctx->needs_input_grad(2)) {
         if (parse_mode(mode) == Mode::kSampled) {  // dS = D ⊙ (gᵀX) with D = σ'(S) ⊙ W from the forward
