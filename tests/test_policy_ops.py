@@ -304,3 +304,33 @@ def test_raw_policy_ops_reject_bad_input(i):
     _, call, exc, match = RAW_CASES[i]
     with pytest.raises(exc, match=match):
         call()
+
+
+# ------------------------------------------------------------------------------------------------
+# The policies: the fused CPU path against the path they take without it (backend "torch")
+# ------------------------------------------------------------------------------------------------
+
+@needs_cpp
+@pytest.mark.parametrize("policy, options", [("signed", {}), ("biprop", {}), ("supermask", {"seed": 3}),
+                                             ("threshold", {"tau": 0.0}), ("gem_miner", {})])
+@pytest.mark.parametrize("kind", ["linear", "effective_weight"])
+def test_policy_fused_path_matches_its_torch_path(policy, options, kind):
+    from maskprune import masks
+    from maskprune.nn import MaskedLinear
+
+    def run(backend):
+        torch.manual_seed(0)
+        layer = MaskedLinear(29, 13, bias=True, density=0.4, weight_init="kaiming_normal", backend=backend)
+        layer.bias.requires_grad_(False)
+        pol = masks.make_policy(policy, [layer], 0.4, **options)
+        with torch.no_grad():
+            layer.scores.copy_(torch.randn(layer.scores.shape, generator=_gen(1)) * 0.5 + 0.5)
+        x = torch.randn(6, 29, generator=_gen(2))
+        y = pol.linear(layer, x) if kind == "linear" else x @ pol.effective_weight(layer).T + layer.bias
+        (y * torch.randn(y.shape, generator=_gen(3))).sum().backward()
+        return y.detach(), layer.scores.grad
+
+    assert ops.policy_fused("cpu", "auto") and not ops.policy_fused("cpu", "torch")
+    (y, ds), (y_ref, ds_ref) = run("auto"), run("torch")
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ds, ds_ref, rtol=1e-5, atol=1e-6)
