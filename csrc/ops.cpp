@@ -100,4 +100,28 @@ TORCH_LIBRARY(maskprune, m) {
   m.def(
       "masked_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor scores, Tensor t, "
       "bool abs_scores, bool need_grad_x, bool need_grad_scores, Tensor? signs=None) -> (Tensor, Tensor)");
+
+  // ---- mask policies (issue 17; cpu/policy_ops.cpp): `mode` is one of topk, raw, signed, binary, sampled ----
+  // (Q, α) with W_eff = α Q: Q = W ⊙ 1[key >= t] (topk: |S|, raw: S), W ⊙ sign(S) ⊙ 1[|S| >= t] (signed),
+  // sign(W) ⊙ 1[|S| >= t] with α = ‖M ⊙ W‖₁ / ‖M‖₀ found in the same pass (binary), W ⊙ 1[u < σ(S)] (sampled; t
+  // unused); α = 1 except for binary, a 0-d tensor of the weight's dtype promoted to >= float32. `u`: exactly for
+  // sampled. Q in `dtype` (default the weight's). Third output: for sampled D = σ'(S) ⊙ W in the scores' dtype
+  // (the backward's dS is D ⊙ ∂L/∂W_eff, with no second σ), else an empty tensor.
+  m.def(
+      "policy_mask(Tensor weight, Tensor scores, Tensor t, str mode, Tensor? u=None, ScalarType? dtype=None) "
+      "-> (Tensor, Tensor, Tensor)");
+  // α Q, with the straight-through dS of the mode (policy_score_grad).
+  m.def(
+      "policy_apply_mask(Tensor weight, Tensor scores, Tensor t, str mode, Tensor? u=None, ScalarType? dtype=None) "
+      "-> Tensor");
+  // dS = f ⊙ W ⊙ grad_weight in S's dtype: f = sign(S) (topk, binary), 1 (raw, signed), σ'(S) (sampled).
+  m.def("policy_score_grad(Tensor grad_weight, Tensor weight, Tensor scores, str mode, Tensor? u=None) -> Tensor");
+  // Y = α X Qᵀ (+ b) in x's dtype (α on the GEMM's output); gradients to x, scores and bias.
+  m.def(
+      "policy_masked_linear(Tensor x, Tensor weight, Tensor scores, Tensor t, Tensor? bias, str mode, "
+      "Tensor? u=None) -> Tensor");
+  // dS of policy_masked_linear from grad_out: the weight-gradient GEMM, then the dS pass over its output.
+  m.def(
+      "policy_linear_score_grad(Tensor grad_out, Tensor x, Tensor weight, Tensor scores, str mode, "
+      "Tensor? u=None) -> Tensor");
 }

@@ -519,3 +519,93 @@ def masked_linear_topk(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tens
     t = _finite_threshold(impl, impl.threshold(scores.detach(), density, bool(abs_scores), hint), [scores],
                           ["scores"])
     return impl.masked_linear(x, weight, scores, t, bias, bool(abs_scores)), t
+
+
+# --------------------------------------------------------------------------------------------
+# Mask policies (issue 17): the fused passes of csrc/cpu/policy_ops.cpp, one `mode` per rule
+# --------------------------------------------------------------------------------------------
+
+POLICY_MODES = ("topk", "raw", "signed", "binary", "sampled")
+"""The rules of policy_apply_mask / policy_masked_linear (W_eff and dS; g = ∂L/∂W_eff):
+topk    W ⊙ 1[|S| >= t],            dS = sign(S) ⊙ W ⊙ g   (edge-popup)
+raw     W ⊙ 1[S >= t],              dS = W ⊙ g             (threshold, gem_miner)
+signed  W ⊙ sign(S) ⊙ 1[|S| >= t],  dS = W ⊙ g             (signed supermask)
+binary  α sign(W) ⊙ 1[|S| >= t],    dS = sign(S) ⊙ W ⊙ g   (biprop; α = ‖M ⊙ W‖₁ / ‖M‖₀, no gradient)
+sampled W ⊙ 1[u < σ(S)],            dS = σ'(S) ⊙ W ⊙ g     (supermask; u given, t unused)"""
+
+if HAS_CPP:
+    @torch.library.register_fake(_lib + "policy_mask")
+    def _(weight, scores, t, mode, u=None, dtype=None):
+        alpha = scores.new_empty((), dtype=torch.promote_types(weight.dtype, torch.float32))
+        deriv = scores.new_empty(scores.shape if mode == "sampled" else (0,))
+        return weight.new_empty(weight.shape, dtype=dtype or weight.dtype), alpha, deriv
+
+    @torch.library.register_fake(_lib + "policy_apply_mask")
+    def _(weight, scores, t, mode, u=None, dtype=None):
+        return weight.new_empty(weight.shape, dtype=dtype or weight.dtype)
+
+    @torch.library.register_fake(_lib + "policy_score_grad")
+    def _(grad_weight, weight, scores, mode, u=None):
+        return scores.new_empty(scores.shape)
+
+    @torch.library.register_fake(_lib + "policy_masked_linear")
+    def _(x, weight, scores, t, bias, mode, u=None):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake(_lib + "policy_linear_score_grad")
+    def _(grad_out, x, weight, scores, mode, u=None):
+        return scores.new_empty(scores.shape)
+
+
+def _check_policy_args(weight, scores, t, mode: str, u) -> torch.Tensor:
+    """Checks mode, u and the mask arguments; returns t as apply_mask's checks do (sampled: t may be None)."""
+    if not isinstance(mode, str) or mode not in POLICY_MODES:
+        raise ValueError(f"mode must be one of ({', '.join(POLICY_MODES)}), got {mode!r}")
+    if mode == "sampled":
+        if u is None:
+            raise ValueError("mode 'sampled' needs u (uniform draws in [0, 1) of the scores' shape)")
+        _check_tensor(u, "u", SCORE_DTYPES)
+        _check_scores(scores)
+        if u.shape != scores.shape:
+            raise ValueError(f"u must have the scores' shape {tuple(scores.shape)}, got {tuple(u.shape)}")
+        _check_same_device("u", u, "scores", scores)
+        if t is None:
+            t = 0.0
+    elif u is not None:
+        raise ValueError(f"u is only taken by mode 'sampled', not by {mode!r}")
+    return _check_mask_args(weight, scores, t)
+
+
+def policy_fused(device: torch.device | str, backend: str = "auto") -> bool:
+    """Whether policy_apply_mask / policy_masked_linear run the fused C++ passes for tensors on `device` with
+    `backend` (the CPU kernels of maskprune._C); elsewhere they run the torch reference (maskprune.reference):
+    there are no CUDA or Triton kernels for these modes yet."""
+    device = torch.device(device)
+    return device.type == "cpu" and "cpp" in BACKENDS and resolve_backend(backend, device).name == "cpp"
+
+
+def policy_apply_mask(weight: torch.Tensor, scores: torch.Tensor, t: torch.Tensor | float | None, mode: str, *,
+                      u: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """W_eff of a policy's `mode` (POLICY_MODES) with its straight-through dS; no gradient to weight, t or u.
+
+    The C++ pass on CPU with backend "auto"/"cpp"; the torch reference elsewhere (see policy_fused).
+    """
+    t = _check_policy_args(weight, scores, t, mode, u)
+    if policy_fused(weight.device, backend):
+        return torch.ops.maskprune.policy_apply_mask(weight, scores, t, mode, u)
+    return reference.policy_apply_mask(weight, scores, t, mode, u)
+
+
+def policy_masked_linear(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
+                         t: torch.Tensor | float | None, bias: torch.Tensor | None = None, *, mode: str,
+                         u: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """Y = X W_effᵀ (+ b) in x's dtype with W_eff of `mode`; gradients to x, scores and bias.
+
+    On CPU one pass writes W_eff / α for the GEMM (α, biprop's gain, found in that pass, scales the GEMM's
+    output and dX) and one pass over the weight-gradient GEMM's output gives dS; elsewhere the torch reference.
+    """
+    t = _check_policy_args(weight, scores, t, mode, u)
+    _check_linear_args(x, weight, bias)
+    if policy_fused(x.device, backend):
+        return torch.ops.maskprune.policy_masked_linear(x, weight, scores, t, bias, mode, u)
+    return reference.policy_masked_linear(x, weight, scores, t, bias, mode, u)

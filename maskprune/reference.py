@@ -54,3 +54,70 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, t
     """X (W ⊙ M)^T (+ b) in x's dtype."""
     w_eff = apply_mask(weight, scores, t, abs_scores).to(x.dtype)
     return F.linear(x, w_eff, None if bias is None else bias.to(x.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# The mask policies' rules (maskprune.ops.POLICY_MODES): the oracle of csrc/cpu/policy_ops.cpp
+# ----------------------------------------------------------------------------------------------
+
+def policy_keep(scores: torch.Tensor, t: torch.Tensor, mode: str, u: torch.Tensor | None = None) -> torch.Tensor:
+    """The bool mask M of a mode: |S| >= t (topk, signed, binary), S >= t (raw), u < σ(S) (sampled)."""
+    s = scores.detach()
+    if mode == "raw":
+        return s >= t
+    if mode == "sampled":
+        return u.to(s.dtype) < torch.sigmoid(s)
+    return s.abs() >= t
+
+
+def policy_score_factor(scores: torch.Tensor, mode: str) -> torch.Tensor | None:
+    """f in dS = f ⊙ W ⊙ g: sign(S) (topk, binary), σ'(S) (sampled), None for 1 (raw, signed)."""
+    s = scores.detach()
+    if mode in ("topk", "binary"):
+        return torch.sign(s)
+    if mode == "sampled":
+        p = torch.sigmoid(s)
+        return p * (1 - p)
+    return None
+
+
+class _PolicyMask(torch.autograd.Function):
+    """W_eff of a mode forward; dS = f(S) ⊙ W ⊙ g backward; nothing to W, t, u."""
+
+    @staticmethod
+    def forward(ctx, weight, scores, t, mode, u):
+        keep = policy_keep(scores, t, mode, u)
+        ctx.save_for_backward(weight, scores)
+        ctx.mode = mode
+        if mode == "signed":
+            return weight * (torch.sign(scores.detach()) * keep).to(weight.dtype)
+        if mode == "binary":
+            dtype = torch.promote_types(weight.dtype, torch.float32)
+            alpha = (weight.to(dtype).abs() * keep).sum() / keep.sum().clamp_min(1)
+            return (alpha * torch.sign(weight.to(dtype)) * keep).to(weight.dtype)
+        return weight * keep.to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, scores = ctx.saved_tensors
+        grad_scores = None
+        if ctx.needs_input_grad[1]:
+            grad_scores = weight.to(scores.dtype) * grad.to(scores.dtype)
+            factor = policy_score_factor(scores, ctx.mode)
+            if factor is not None:
+                grad_scores = factor * grad_scores
+        return None, grad_scores, None, None, None
+
+
+def policy_apply_mask(weight: torch.Tensor, scores: torch.Tensor, t: torch.Tensor, mode: str,
+                      u: torch.Tensor | None = None) -> torch.Tensor:
+    """W_eff of `mode` (maskprune.ops.POLICY_MODES) with the mode's straight-through dS."""
+    return _PolicyMask.apply(weight, scores, t, mode, u)
+
+
+def policy_masked_linear(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, t: torch.Tensor,
+                         bias: torch.Tensor | None = None, mode: str = "topk",
+                         u: torch.Tensor | None = None) -> torch.Tensor:
+    """X W_effᵀ (+ b) in x's dtype, W_eff = policy_apply_mask(...)."""
+    w_eff = policy_apply_mask(weight, scores, t, mode, u).to(x.dtype)
+    return F.linear(x, w_eff, None if bias is None else bias.to(x.dtype))

@@ -8,6 +8,12 @@ the fused threshold-and-mask pass (with the scores' sign bytes, as the layers ru
 threshold alone with the previous step's threshold as hint and without it (the full radix select), the
 fused mask pass, and the fused score-gradient pass (from the sign bytes, as the layers run it, and from
 the scores).
+Then one row per mask policy (maskprune.masks): a trainer's step of a lenet300-like MLP (784-300-100-10, batch
+128, `--policy-widths` / `--policy-batch`) with that policy (forward, loss + the policy's penalty, backward, SGD
+step, the policy's step hooks) over the dense step of the same MLP, measured in the same process in interleaved
+rounds (median over rounds). supermask is measured twice: as it runs, and with its uniform draw u made before the
+timed step (the draw alone is then the difference). `--profile` prints, per policy, where the step's time goes
+(torch.profiler, self CPU time per op).
 Writes results/bench_cpu/results.json.
 """
 from __future__ import annotations
@@ -24,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import maskprune
+from maskprune import masks
+from maskprune.masks import supermask as supermask_module
 
 
 class SortSubnet(torch.autograd.Function):
@@ -120,6 +128,95 @@ def extra_passes(masked: nn.Module, step, repeats: int) -> dict[str, float]:
     return out
 
 
+# (row name, policy, weight_init, options): every policy once; biprop with constant-magnitude weights (where it is
+# the edge-popup op) and with Kaiming-normal ones (its own α·sign(W) path).
+POLICY_ROWS = [
+    ("layerwise", "layerwise", "signed_constant", {}),
+    ("global", "global", "signed_constant", {}),
+    ("iterand (period 300: no redraw in the window)", "iterand", "signed_constant", {}),
+    ("threshold", "threshold", "kaiming_normal", {}),
+    ("gem_miner", "gem_miner", "signed_constant", {}),
+    ("signed", "signed", "signed_constant", {}),
+    ("biprop (signed-constant weights)", "biprop", "signed_constant", {}),
+    ("biprop (kaiming-normal weights)", "biprop", "kaiming_normal", {}),
+    ("supermask", "supermask", "signed_constant", {}),
+    ("supermask (u drawn before the step)", "supermask", "signed_constant", {}),
+]
+
+
+class PredrawnUniform:
+    """Stands in for supermask's uniform_draw with one u per shape drawn beforehand (the draw left out of the
+    timed step; the masks then repeat, which changes no cost)."""
+
+    def __init__(self, draw):
+        self.draw, self.cache = draw, {}
+
+    def __call__(self, shape, device, **key):
+        k = (tuple(shape), str(device))
+        if k not in self.cache:
+            self.cache[k] = self.draw(shape, device, **key)
+        return self.cache[k]
+
+
+def policy_step(model, x, y):
+    """A trainer's step (maskprune.train): loss + the policy's penalty, backward, SGD, the policy's hooks."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    count = [0]
+
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        penalty = masks.policy_penalty(model)
+        opt.zero_grad(set_to_none=True)
+        (loss if penalty is None else loss + penalty).backward()
+        opt.step()
+        count[0] += 1
+        masks.step_hooks(model, count[0])
+
+    return step
+
+
+def policy_rows(widths, batch, density, rounds, steps, profile=False):
+    """[{policy, median_ms, dense_ms, ratio_to_dense}]: each policy's step against the dense step, interleaved."""
+    torch.manual_seed(0)
+    x, y = torch.randn(batch, widths[0]), torch.randint(0, widths[-1], (batch,))
+    models = {"dense": mlp(widths, lambda a, b: nn.Linear(a, b, bias=False))}
+    for name, policy, init, options in POLICY_ROWS:
+        models[name] = maskprune.convert(mlp(widths, lambda a, b: nn.Linear(a, b, bias=False)), density,
+                                         policy=policy, weight_init=init, **options)
+    predrawn = PredrawnUniform(supermask_module.uniform_draw)
+    original_draw = supermask_module.uniform_draw
+
+    def run(name, fn):
+        supermask_module.uniform_draw = predrawn if name.startswith("supermask (u drawn") else original_draw
+        try:
+            fn()
+        finally:
+            supermask_module.uniform_draw = original_draw
+
+    steps_fn = {name: policy_step(m, x, y) for name, m in models.items()}
+    for name, fn in steps_fn.items():  # warm-up (two steps: thresholds and their hints exist)
+        run(name, fn)
+        run(name, fn)
+    times = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, fn in steps_fn.items():
+            t0 = time.perf_counter()
+            run(name, lambda: [fn() for _ in range(steps)])
+            times[name].append((time.perf_counter() - t0) / steps)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    rows = [{"policy": name, "median_ms": 1e3 * medians[name], "dense_ms": 1e3 * medians["dense"],
+             "ratio_to_dense": medians[name] / medians["dense"]} for name in models if name != "dense"]
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        for name, fn in steps_fn.items():
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                run(name, lambda: [fn() for _ in range(10)])
+            print(f"--- {name}: self CPU time per op over 10 steps")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", default="784,2048,2048,10")
@@ -128,6 +225,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=3, help="steps per variant per round")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--policy-widths", default="784,300,100,10", help="the MLP of the per-policy rows")
+    parser.add_argument("--policy-batch", type=int, default=128)
+    parser.add_argument("--policy-rounds", type=int, default=0, help="rounds of the policy rows (0: --rounds)")
+    parser.add_argument("--only-policies", action="store_true", help="only the per-policy rows")
+    parser.add_argument("--profile", action="store_true", help="print a per-op profile of every policy's step")
     parser.add_argument("--out", default="results/bench_cpu/results.json")
     args = parser.parse_args()
     if args.threads < 0:
@@ -135,6 +237,21 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     widths = [int(w) for w in args.widths.split(",")]
+    pwidths = [int(w) for w in args.policy_widths.split(",")]
+    prows = policy_rows(pwidths, args.policy_batch, args.density, args.policy_rounds or args.rounds, args.steps,
+                        args.profile)
+    print(f"per policy, {args.policy_widths} MLP, batch {args.policy_batch}, {torch.get_num_threads()} thread(s):")
+    print(f"{'policy':48s} {'median ms':>10s} {'dense ms':>9s} {'x dense':>8s}")
+    for r in prows:
+        print(f"{r['policy']:48s} {r['median_ms']:10.2f} {r['dense_ms']:9.2f} {r['ratio_to_dense']:8.2f}")
+    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "maskprune": maskprune.__version__,
+               "backend": maskprune.ops.available_backends("cpu")[0]}
+    if args.only_policies:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"config": vars(args), "policy_rows": prows, "machine": machine},
+                                             indent=2))
+        return
     torch.manual_seed(0)
     x, y = torch.randn(args.batch, widths[0]), torch.randint(0, widths[-1], (args.batch,))
 
@@ -169,9 +286,7 @@ def main() -> None:
     for name, ms in passes.items():
         print(f"  {name:78s} {ms:8.2f}")
     result = {"config": vars(args), "rows": rows, "speedup_vs_sort": speedup, "extra_passes_ms": passes,
-              "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                          "torch": torch.__version__, "maskprune": maskprune.__version__,
-                          "backend": maskprune.ops.available_backends("cpu")[0]}}
+              "policy_rows": prows, "machine": machine}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -164,6 +165,12 @@ def triton_cases() -> list:
                   dict(hist_ptr="*i32", state_ptr="*i64", t_ptr="*fp32"),
                   dict(ABS_SCORES=True, KEY_BITS=32, FIRST=False, LAST=True, NAN_IF_NONFINITE=True, WIDTH=10,
                        NUM_BINS=th.NUM_BINS), [{"num_warps": 4}], "other", {}, {"n_keep"}))
+    rng_kernel = importlib.import_module("maskprune.triton_rng")  # the counter-based weight/mask generator
+    for dist, init in enumerate(rng_kernel.DISTRIBUTIONS):
+        cases.append((f"counter weights ({init})", "fp32", rng_kernel, "_counter_values_kernel",
+                      dict(out_ptr="*fp32", n="i64", offset="i64", seed="i64", step="fp32"),
+                      dict(DIST=dist, BLOCK=2048), [{"num_warps": 8}], "other", {},
+                      {"n", "offset", "seed", "layer", "stream", "step"}))
     return cases
 
 

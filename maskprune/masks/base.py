@@ -134,6 +134,38 @@ def cached_threshold(layer, density: float, abs_scores: bool, slot: str) -> torc
     return cached[1]
 
 
+def topk_linear(layer, x: torch.Tensor, density: float, abs_scores: bool, slot: str) -> torch.Tensor:
+    """A MaskedLinear's top-k output W ⊙ 1[key >= t] with t cached in layer.__dict__[slot] (as cached_threshold):
+    after the scores changed, the new t comes from the forward op itself (masked_linear_topk: on CPU found in
+    the mask pass) instead of a threshold pass of its own."""
+    key = None if torch.compiler.is_compiling() else _cache_key([layer.scores], density, abs_scores)
+    cached = layer.__dict__.get(slot)
+    if key is None or (cached is not None and cached[0] == key):
+        t = cached_threshold(layer, density, abs_scores, slot) if key is None else cached[1]
+        return ops.masked_linear(x, layer.weight, layer.scores, t, layer.bias, abs_scores=abs_scores,
+                                 backend=layer.backend)
+    y, t = ops.masked_linear_topk(x, layer.weight, layer.scores, density, layer.bias, abs_scores=abs_scores,
+                                  backend=layer.backend, hint=_hint(cached, key))
+    _store(layer.__dict__, slot, (key, t))
+    return y
+
+
+def constant_threshold(layer, value: float, slot: str) -> torch.Tensor:
+    """nextafter(value, +inf) as a 0-d tensor of the scores' dtype and device (S >= it ⇔ S > value), made once
+    per (value, dtype, device) and kept in layer.__dict__[slot]: a policy with a fixed threshold then makes no
+    tensor per forward."""
+    scores = layer.scores
+    key = (value, scores.dtype, scores.device)
+    cached = None if torch.compiler.is_compiling() else layer.__dict__.get(slot)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    v = torch.tensor(value, dtype=scores.dtype, device=scores.device)
+    t = torch.nextafter(v, torch.tensor(float("inf"), dtype=v.dtype, device=v.device))
+    if not torch.compiler.is_compiling():
+        _store(layer.__dict__, slot, (key, t))
+    return t
+
+
 def linear_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear in x's dtype (a float32 weight under bf16 autocast is cast, as the fused op does)."""
     return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .base import LayerSetPolicy, cached_threshold, linear_out
+from .base import LayerSetPolicy, cached_threshold, linear_out, topk_linear
 
 
 class SignMaskSTE(torch.autograd.Function):
@@ -83,19 +83,23 @@ class Biprop(LayerSetPolicy):
         weight = self._weight(layer, weight)
         if self._constant_magnitude(layer, weight):
             return ops.apply_mask(weight, layer.scores, self.threshold(layer), abs_scores=True, backend=layer.backend)
+        if ops.policy_fused(weight.device, layer.backend):
+            return ops.policy_apply_mask(weight, layer.scores, self.threshold(layer), "binary", backend=layer.backend)
         q, alpha = self._q(layer, weight)
         return q * alpha.to(q.dtype)
 
     def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
         if self._constant_magnitude(layer, layer.weight):
-            return ops.masked_linear(x, layer.weight, layer.scores, self.threshold(layer), layer.bias,
-                                     abs_scores=True, backend=layer.backend)
+            return topk_linear(layer, x, self.density, True, "_biprop_threshold")
+        if ops.policy_fused(x.device, layer.backend):
+            return ops.policy_masked_linear(x, layer.weight, layer.scores, self.threshold(layer), layer.bias,
+                                            mode="binary", backend=layer.backend)
         q, alpha = self._q(layer, layer.weight)
         y = linear_out(x, q, None) * alpha.to(x.dtype)
         return y if layer.bias is None else y + layer.bias.to(x.dtype)
 
     def conv2d(self, layer, x: torch.Tensor) -> torch.Tensor:
-        if self._constant_magnitude(layer, layer.weight):
+        if self._constant_magnitude(layer, layer.weight) or ops.policy_fused(x.device, layer.backend):
             return layer._conv_forward(x, self.effective_weight(layer), layer.bias)
         q, alpha = self._q(layer, layer.weight)
         y = layer._conv_forward(x, q.to(x.dtype), None) * alpha.to(x.dtype)

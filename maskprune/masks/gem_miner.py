@@ -32,7 +32,23 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from .base import RawThresholdPolicy, choice_option, fill_scores, float_option, int_option
+from .base import RawThresholdPolicy, choice_option, constant_threshold, fill_scores, float_option, int_option
+
+
+class SquaredNorm(torch.autograd.Function):
+    """‖p‖² of a score tensor as a float32 0-d tensor (as `(p.float() ** 2).sum()`): forward one dot product,
+    backward one pass 2 g p (autograd's version of that expression made four passes over the scores)."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scores)
+        flat = scores.detach().reshape(-1).float()
+        return torch.dot(flat, flat)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        scores, = ctx.saved_tensors
+        return scores * (2 * grad).to(scores.dtype)
 
 
 class GemMiner(RawThresholdPolicy):
@@ -57,6 +73,7 @@ class GemMiner(RawThresholdPolicy):
                 layer.scores.clamp_(0.0, 1.0)
         self.flags = [torch.ones(layer.scores.shape, dtype=torch.bool, device=layer.scores.device)
                       for layer in self.layers]
+        self._frozen = [False] * len(self.layers)  # whether a layer's flags hold a 0 (then after_step gates)
         self.freezings = 0
 
     @property
@@ -71,8 +88,7 @@ class GemMiner(RawThresholdPolicy):
         return 0.0 if n == 0 else 1.0 - math.exp(math.log(self.density) / n)
 
     def threshold(self, layer) -> torch.Tensor:
-        half = torch.tensor(0.5, dtype=layer.scores.dtype, device=layer.scores.device)
-        return torch.nextafter(half, torch.tensor(1.0, dtype=half.dtype, device=half.device))
+        return constant_threshold(layer, 0.5, "_gem_miner_half")
 
     @torch.no_grad()
     def mask(self, layer) -> torch.Tensor:
@@ -81,13 +97,15 @@ class GemMiner(RawThresholdPolicy):
     def regularization(self, layers: Sequence) -> torch.Tensor | None:
         if self.l2 == 0:
             return None
-        return self.l2 * sum((layer.scores.float() ** 2).sum() for layer in layers)
+        return self.l2 * sum(SquaredNorm.apply(layer.scores) for layer in layers)
 
     @torch.no_grad()
     def after_step(self, layers: Sequence, step: int) -> None:
         for layer in layers:
             layer.scores.clamp_(0.0, 1.0)
-            layer.scores.mul_(self.flags[self.layer_index(layer)])
+            index = self.layer_index(layer)
+            if self._frozen[index]:  # a pass over the scores only once some of this layer's weights are frozen
+                layer.scores.mul_(self.flags[index])
 
     @torch.no_grad()
     def on_epoch_end(self, layers: Sequence, epoch: int) -> None:
@@ -105,9 +123,10 @@ class GemMiner(RawThresholdPolicy):
         if n_prune == 0 or active.numel() == 0:
             return
         cut = torch.kthvalue(active.abs(), min(n_prune, active.numel())).values.item()
-        for layer, flag in zip(self.layers, self.flags):
+        for i, (layer, flag) in enumerate(zip(self.layers, self.flags)):
             flag &= layer.scores > cut
             layer.scores.mul_(flag)
+            self._frozen[i] = not bool(flag.all())
         self.freezings += 1
 
     @torch.no_grad()
@@ -125,6 +144,7 @@ class GemMiner(RawThresholdPolicy):
         if len(flags) != len(self.flags) or any(tuple(a.shape) != tuple(b.shape) for a, b in zip(flags, self.flags)):
             raise ValueError("mask policy 'gem_miner': the saved flags do not fit this policy's layers")
         self.flags = [f.to(device=old.device, dtype=torch.bool) for f, old in zip(flags, self.flags)]
+        self._frozen = [not bool(f.all()) for f in self.flags]
         self.freezings = int(state["freezings"])
 
 

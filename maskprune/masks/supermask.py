@@ -17,6 +17,12 @@ dS = σ'(S) ⊙ W ⊙ ∂L/∂W_eff with σ' = σ(1 - σ) (here a torch.autograd
 dynamic scaling their multiplier n / Σ(sample + σ - sg(σ)) also carries a gradient to every score; the
 same happens here, because the multiplier is computed from the Function's output (autograd adds
 -n/(ΣM)² · Σ(W ⊙ M ⊙ g) · σ'(S) to every dS).
+On CPU without dynamic scaling (and with the "torch" generator; "philox" below) the layer runs the fused
+op's "sampled" mode (ops.policy_masked_linear /
+policy_apply_mask, u an input): one pass writes W ⊙ 1[u < σ(S)] (σ from a vectorised float32 exp within 2 ulp of
+torch's, so a weight whose u lies within a few ulp of σ(S) may fall the other way than under torch.sigmoid), and
+dS = σ'(S) ⊙ W ⊙ g is one pass over the weight-gradient GEMM's output. Elsewhere (CUDA, Triton: no kernel of
+that mode yet; dynamic scaling) the torch path (`BernoulliSTE`).
 
 Defaults. Their scores start at the constant `sigmoid_bias` (default 0: σ = 0.5, half the weights kept
 in expectation). Here the constant is `score_init`, default logit(density), so that the expected
@@ -50,7 +56,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .. import rng
+from .. import ops, rng
 from .base import (LayerSetPolicy, bool_option, choice_option, fill_scores, float_option, int_option,
                    linear_out)
 
@@ -174,7 +180,7 @@ class Supermask(LayerSetPolicy):
         return uniform_draw(layer.scores.shape, layer.scores.device, generator=self.generator, seed=self.seed,
                             step=step, layer=index, draw=draw)
 
-    def _fused(self, layer, weight: torch.Tensor) -> bool:
+    def _philox_fused(self, layer, weight: torch.Tensor) -> bool:
         """Whether this training forward can take FusedPhiloxMask (module docstring of that class)."""
         scores = layer.scores
         return (layer.training and self.generator == "philox" and not self.dynamic_scaling and _FUSED_OP
@@ -186,12 +192,19 @@ class Supermask(LayerSetPolicy):
         """The mask in the scores' dtype, carrying σ'(S) to the scores."""
         return BernoulliSTE.apply(layer.scores, self._u(layer, training).to(layer.scores.dtype))
 
+    def _fused(self, device: torch.device, layer) -> bool:
+        """Whether the layer's forward runs the fused "sampled" op (CPU, no dynamic scaling)."""
+        return not self.dynamic_scaling and ops.policy_fused(device, layer.backend)
+
     def effective_weight(self, layer, weight: torch.Tensor | None = None) -> torch.Tensor:
         weight = self._weight(layer, weight)
-        if self._fused(layer, weight):
+        if self._philox_fused(layer, weight):
             index, step, draw = self._training_key(layer)
             key = (self.seed & 0xFFFFFFFF) | ((step & 0xFFFFFFFF) << 32)
             return FusedPhiloxMask.apply(layer.scores, weight, key, index, SUPERMASK_STREAM + draw)
+        if self._fused(weight.device, layer):
+            return ops.policy_apply_mask(weight, layer.scores, None, "sampled", u=self._u(layer, layer.training),
+                                         backend=layer.backend)
         m = self._mask_value(layer, layer.training)
         w_eff = weight * m.to(weight.dtype)
         if self.dynamic_scaling:
@@ -199,6 +212,11 @@ class Supermask(LayerSetPolicy):
         return w_eff
 
     def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if self._philox_fused(layer, layer.weight):  # draw and mask in one pass, then the GEMM
+            return linear_out(x, self.effective_weight(layer), layer.bias)
+        if self._fused(x.device, layer):
+            return ops.policy_masked_linear(x, layer.weight, layer.scores, None, layer.bias, mode="sampled",
+                                            u=self._u(layer, layer.training), backend=layer.backend)
         return linear_out(x, self.effective_weight(layer), layer.bias)
 
     @torch.no_grad()

@@ -9,7 +9,8 @@ weight_init=None)`: the pretrained weights stay frozen and a new task learns onl
 mask, so one backbone serves several tasks with one mask each.
 
 Gradient. Straight through the step: dS = W ⊙ ∂L/∂W_eff. This is the fused op with raw keys
-(abs_scores=False) and the threshold t = nextafter(τ, +inf), since S >= nextafter(τ) ⇔ S > τ.
+(abs_scores=False) and the threshold t = nextafter(τ, +inf), since S >= nextafter(τ) ⇔ S > τ (made once per
+layer and dtype, not per forward).
 
 Defaults (Piggyback's): τ = 5e-3 and every score starts at 1e-2 (`score_init`), so training starts from
 the full pretrained network. `density` is not a constraint here: the kept fraction is learned (mask_stats
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import RawThresholdPolicy, fill_scores, float_option
+from .base import RawThresholdPolicy, constant_threshold, fill_scores, float_option
 
 
 class FixedThreshold(RawThresholdPolicy):
@@ -39,8 +40,7 @@ class FixedThreshold(RawThresholdPolicy):
             fill_scores(self.layers, self.options["score_init"])
 
     def threshold(self, layer) -> torch.Tensor:
-        tau = torch.tensor(self.tau, dtype=layer.scores.dtype, device=layer.scores.device)
-        return torch.nextafter(tau, torch.tensor(float("inf"), dtype=tau.dtype, device=tau.device))
+        return constant_threshold(layer, self.tau, "_threshold_tau")
 
     @torch.no_grad()
     def mask(self, layer) -> torch.Tensor:

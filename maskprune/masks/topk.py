@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from .. import ops
-from .base import MaskPolicy, _cache_key, _hint, _refresh, _store, cached_threshold
+from .base import MaskPolicy, _cache_key, _refresh, _store, cached_threshold, topk_linear
 
 
 class LayerwiseTopK(MaskPolicy):
@@ -28,16 +28,7 @@ class LayerwiseTopK(MaskPolicy):
     def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
         """A MaskedLinear's output. After the scores changed, its new threshold comes from the same call
         (masked_linear_topk: on CPU found in the mask pass itself) instead of a pass of its own."""
-        key = None if torch.compiler.is_compiling() else _cache_key([layer.scores], layer.density, layer.abs_scores)
-        cached = layer.__dict__.get("_threshold_cache")
-        if key is None or (cached is not None and cached[0] == key):
-            t = self.threshold(layer) if key is None else cached[1]
-            return ops.masked_linear(x, layer.weight, layer.scores, t, layer.bias, abs_scores=layer.abs_scores,
-                                     backend=layer.backend)
-        y, t = ops.masked_linear_topk(x, layer.weight, layer.scores, layer.density, layer.bias,
-                                      abs_scores=layer.abs_scores, backend=layer.backend, hint=_hint(cached, key))
-        _store(layer.__dict__, "_threshold_cache", (key, t))
-        return y
+        return topk_linear(layer, x, layer.density, layer.abs_scores, "_threshold_cache")
 
 
 class GlobalTopK(MaskPolicy):
