@@ -6,10 +6,11 @@ __version__ = "0.1.0"
 import os
 from typing import TYPE_CHECKING
 
-from . import ops
-from .nn import MaskedConv2d, MaskedLinear, convert, mask_stats, to_dense
+from . import data, ops, rng
+from .nn import ConvertSummary, MaskedConv2d, MaskedLinear, convert, mask_stats, masked_tensors, to_dense
 from .ops import apply_mask, global_threshold, masked_linear, threshold
 from .runfiles import RunFileError
+from .ticket import TicketError, load_ticket, save_ticket
 
 if TYPE_CHECKING:
     import torch
@@ -26,5 +27,6 @@ def load_run(run_dir: str | os.PathLike, which: str = "best",
     return _load_run(run_dir, which=which, device=device)
 
 
-__all__ = ["ops", "threshold", "global_threshold", "apply_mask", "masked_linear", "MaskedLinear", "MaskedConv2d",
-           "convert", "mask_stats", "to_dense", "load_run", "RunFileError", "__version__"]
+__all__ = ["data", "ops", "threshold", "global_threshold", "apply_mask", "masked_linear", "MaskedLinear", "MaskedConv2d",
+           "convert", "mask_stats", "masked_tensors", "ConvertSummary", "to_dense", "load_run", "RunFileError",
+           "rng", "save_ticket", "load_ticket", "TicketError", "__version__"]

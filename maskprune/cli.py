@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 from . import data as datasets
 from . import __version__, masks, models, ops
 from .runfiles import RunFileError
+from .ticket import TicketError
 from .train import (CHOICES, ConfigError, TrainConfig, TrainingInterrupted, load_config_file, read_checkpoint, train,
                     validate)
 
@@ -28,6 +30,7 @@ HELP = {
     "policy": "mask policy: " + ", ".join(masks.ALL_POLICIES) + " (its options: the --<policy>-<option> flags)",
     "policy_options": "the policy's options as key=value,... (the --<policy>-<option> flags add to them)",
     "weight_init": "frozen random weights: " + ", ".join(CHOICES["weight_init"]),
+    "generator": "draws the frozen weights: philox (maskprune.rng, keyed by --seed; exportable as a ticket) or torch",
     "score_init": "initial scores: " + ", ".join(CHOICES["score_init"]),
     "scale_fan": "weight std as if the fan-in were density * fan-in",
     "width": "multiplies every hidden width", "widths": "hidden widths of the mlp model, e.g. 1000,1000",
@@ -106,9 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="print nothing on success: hides the progress bar, the start line, the per-epoch "
                               "lines and the final summary (summary.json and metrics.jsonl are still written)")
 
-    p_eval = sub.add_parser("eval", help="re-evaluate a saved run on its validation and test sets")
-    p_eval.add_argument("run_dir", help="a run folder written by `maskprune train` (holds config.toml)")
+    p_eval = sub.add_parser("eval", help="re-evaluate a saved run (or an exported ticket) on its validation and "
+                                         "test sets")
+    p_eval.add_argument("run_dir", help="a run folder written by `maskprune train` (holds config.toml), or a ticket "
+                                        "file written by `maskprune export`")
     p_eval.add_argument("--device", help="where to evaluate (default: the run's device, or cpu without a GPU)")
+
+    p_export = sub.add_parser("export", help="write a mask run's ticket: generator keys + 1-bit masks (README: Tickets)")
+    p_export.add_argument("run_dir", help="a mask-mode run folder written by `maskprune train`")
+    p_export.add_argument("--best", action="store_true", help="export best.pt (default: last.pt, the final model)")
+    p_export.add_argument("--out", required=True, help="the ticket file to write, e.g. run.mpt")
 
     p_data = sub.add_parser("datasets", help="list datasets; `datasets fetch NAME` fetches and verifies one")
     p_data.add_argument("action", nargs="?", choices=["list", "fetch"], default="list",
@@ -172,6 +182,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate_run
 
     run = Path(args.run_dir)
+    if run.is_file():  # an exported ticket
+        from .ticket import evaluate_ticket
+
+        print(json.dumps(evaluate_ticket(run, device=args.device or "cpu"), indent=2))
+        return
     if not (run / "config.toml").is_file():
         fail(f"run_dir: {run} holds no config.toml (not a maskprune run folder)")
     if args.device is not None:
@@ -180,6 +195,28 @@ def cmd_eval(args: argparse.Namespace) -> None:
         except ConfigError as err:
             fail(str(err))
     print(json.dumps(evaluate_run(run, device=args.device), indent=2))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .ticket import export_run
+
+    run, out = Path(args.run_dir), Path(args.out)
+    if not (run / "config.toml").is_file():
+        fail(f"run_dir: {run} holds no config.toml (not a maskprune run folder)")
+    if out.is_dir():
+        fail(f"--out: {out} is a directory; give a file name such as run.mpt")
+    if not out.parent.is_dir():
+        fail(f"--out: folder {out.parent} does not exist")
+    try:
+        header = export_run(run, out, which="best" if args.best else "last")
+    except (TicketError, RunFileError):
+        raise  # main prints them
+    except ValueError as err:  # a dense run, a policy or layer a ticket cannot hold
+        fail(str(err).replace("\n", " "))
+    layers = header["layers"]
+    print(json.dumps({"ticket": str(out), "bytes": out.stat().st_size, "layers": len(layers),
+                      "kept": sum(e["kept"] for e in layers), "total": sum(math.prod(e["shape"]) for e in layers),
+                      "weights": sorted({e["weight"]["source"] for e in layers})}, indent=2))
 
 
 def cmd_datasets(args: argparse.Namespace) -> None:
@@ -202,10 +239,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "eval": cmd_eval, "datasets": cmd_datasets, "demo": cmd_demo}
+    commands = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "datasets": cmd_datasets,
+                "demo": cmd_demo}
     try:
         commands[args.command](args)
-    except (ConfigError, RunFileError) as err:
+    except (ConfigError, RunFileError, TicketError) as err:
         fail(str(err).replace("\n", " "))
     except (datasets.DatasetUnavailable, datasets.ChecksumError) as err:
         fail(str(err).replace("\n", " "))

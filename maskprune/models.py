@@ -64,8 +64,12 @@ def create(name: str, *, num_classes: int, in_shape: tuple[int, int, int], width
     if unknown:
         accepted = ", ".join(extra) if extra else "none"
         raise TypeError(f"model {name!r} got unexpected keyword argument(s) {unknown}; its own options: {accepted}")
-    return builder(num_classes=_check_num_classes(num_classes), in_shape=_check_in_shape(in_shape),
-                   width=_check_width(width), bias=_check_bias(bias), **kwargs)
+    model = builder(num_classes=_check_num_classes(num_classes), in_shape=_check_in_shape(in_shape),
+                    width=_check_width(width), bias=_check_bias(bias), **kwargs)
+    # What rebuilds this network (maskprune.ticket writes it into a ticket): the JSON-able arguments of create.
+    model.maskprune_arch = {"name": name, "num_classes": int(num_classes), "in_shape": list(in_shape),
+                            "width": float(width), "bias": bias, **kwargs}
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -397,7 +397,9 @@ def read_run_config(run_dir: str | os.PathLike, device: str | None = None):
     path = Path(run_dir) / "config.toml"
     if not path.is_file():
         raise RunFileError(path, "does not exist: not a maskprune run folder")
-    cfg = TrainConfig(**read_toml(path))
+    values = read_toml(path)
+    values.setdefault("generator", "torch")  # runs made before maskprune.rng drew their weights with torch's RNG
+    cfg = TrainConfig(**values)
     saved_device = cfg.device
     cfg.device = "cpu"
     try:

@@ -80,6 +80,7 @@ class TrainConfig:
     policy: str = "layerwise"            # a mask policy of maskprune.masks (layerwise, global, supermask, ...)
     policy_options: str = ""             # the policy's options, "key=value,..." (e.g. "period=300,prob=0.1")
     weight_init: str = "signed_constant"
+    generator: str = "philox"            # frozen weights: "philox" (maskprune.rng keyed by seed; tickets) or "torch"
     score_init: str = "kaiming_uniform"
     scale_fan: bool = True               # weight std as if fan_in were density * fan_in (edge-popup's scaled init)
     width: float = 1.0                   # multiplies every hidden width
@@ -103,7 +104,7 @@ class TrainConfig:
 
 
 CHOICES = {"mode": ("mask", "dense"), "policy": POLICIES, "weight_init": WEIGHT_INITS,
-           "score_init": SCORE_INITS, "optimizer": ("sgd", "adam")}
+           "score_init": SCORE_INITS, "optimizer": ("sgd", "adam"), "generator": ("philox", "torch")}
 # Settings a resumed run may change: where and how it computes, not what it computes.
 RESUMABLE = ("device", "backend", "threads", "data_root")
 
@@ -231,7 +232,8 @@ def build_model(cfg: TrainConfig, num_classes: int, in_shape: tuple) -> nn.Modul
         raise ConfigError("model", f"{cfg.model} cannot be built for {cfg.dataset} {tuple(in_shape)}: {err}") from None
     if cfg.mode == "mask":
         convert(model, cfg.density, policy=cfg.policy, weight_init=cfg.weight_init, score_init=cfg.score_init,
-                scale_fan=cfg.scale_fan, backend=cfg.backend, **policy_options(cfg))
+                scale_fan=cfg.scale_fan, backend=cfg.backend,
+                weight_seed=cfg.seed if cfg.generator == "philox" else None, **policy_options(cfg))
     return model
 
 
@@ -348,6 +350,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: str | None = None
     if resume is not None:
         checkpoint = read_checkpoint(resume)
         check_resume(checkpoint, cfg, resume, out)
+        if "generator" not in checkpoint["config"]:  # made before maskprune.rng: its weights came from torch's RNG
+            cfg = dataclasses.replace(cfg, generator="torch")
         # the network must fit the checkpoint (checked on the meta device, before anything is allocated), and
         # the run's best.pt, which the final test reads, must be sound too: a resume that fails writes nothing
         check_fits(cfg, checkpoint, resume)

@@ -13,6 +13,7 @@ import pytest
 from maskprune import cli
 from maskprune import data as datasets
 from maskprune.train import load_config_file
+from cli_helpers import run_cli
 
 TINY = ["--model", "lenet300", "--dataset", "mnist", "--epochs", "1", "--batch-size", "64", "--limit-train", "256",
         "--device", "cpu", "--threads", "1"]
@@ -30,17 +31,6 @@ def mnist_subset() -> datasets.Splits:
 def small_data(monkeypatch, mnist_subset):
     monkeypatch.setattr(datasets, "load", lambda name, root=None: mnist_subset)
 
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `maskprune ARGV`, run in this process."""
-    try:
-        cli.main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def write(path: Path, text: str) -> Path:
@@ -167,3 +157,58 @@ def test_console_entry_exit_code_2_without_traceback(tmp_path):
     assert not (tmp_path / "r").exists()
     proc = subprocess.run([sys.executable, "-m", "maskprune"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_export_and_eval_a_ticket(tmp_path, capsys):
+    """`maskprune export` writes a ticket ≥ 30x smaller than the float weights; `maskprune eval FILE` gives the
+    run's own test accuracy to the last digit; a damaged ticket or a bad --out is exit code 2 and one line."""
+    out, ticket = tmp_path / "run", tmp_path / "run.mpt"
+    code, _, err = run_cli(["train", *TINY, "--epochs", "2", "--out", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    for flags, which in (([], "test_acc_last"), (["--best"], "test_acc_best")):
+        code, stdout, err = run_cli(["export", str(out), *flags, "--out", str(ticket)], capsys)
+        assert code == 0, err
+        report = json.loads(stdout)
+        assert report["weights"] == ["philox4x32-10"] and report["kept"] < report["total"]
+        dense_bytes = 4 * report["total"]
+        assert report["bytes"] * 30 <= dense_bytes, (report["bytes"], dense_bytes)
+        code, stdout, err = run_cli(["eval", str(ticket)], capsys)
+        assert code == 0, err
+        assert json.loads(stdout)["test_acc"] == summary[which]
+
+    data = ticket.read_bytes()
+    bad = tmp_path / "bad.mpt"
+    for damaged in (data[:len(data) // 2], data[:-1] + bytes([data[-1] ^ 1])):
+        bad.write_bytes(damaged)
+        code, stdout, err = run_cli(["eval", str(bad)], capsys)
+        assert code == 2 and stdout == "" and len(err.splitlines()) == 1 and str(bad) in err, err
+    code, _, err = run_cli(["export", str(out), "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--out: " in err and "directory" in err
+    code, _, err = run_cli(["export", str(tmp_path / "nowhere"), "--out", str(bad)], capsys)
+    assert code == 2 and "not a maskprune run folder" in err
+
+
+def test_export_refuses_a_dense_run(tmp_path, capsys):
+    out = tmp_path / "dense"
+    code, _, err = run_cli(["train", *TINY, "--mode", "dense", "--lr", "0.01", "--out", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    code, stdout, err = run_cli(["export", str(out), "--out", str(tmp_path / "t.mpt")], capsys)
+    assert code == 2 and stdout == "" and "dense run" in err and not (tmp_path / "t.mpt").exists()
+
+
+def test_torch_generator_runs_and_older_runs_export_their_weights(tmp_path, capsys):
+    """A run with --generator torch (and a run folder from before the generator existed, whose config.toml has
+    no `generator` key) has no generator key to store: its ticket stores the float weights and still evaluates
+    to the run's accuracy."""
+    out, ticket = tmp_path / "run", tmp_path / "run.mpt"
+    code, _, err = run_cli(["train", *TINY, "--generator", "torch", "--out", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    config = out / "config.toml"
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                              if not line.startswith("generator")))  # as an older run wrote it
+    code, stdout, err = run_cli(["export", str(out), "--out", str(ticket)], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["weights"] == ["stored"]
+    code, stdout, err = run_cli(["eval", str(ticket)], capsys)
+    assert code == 0 and json.loads(stdout)["test_acc"] == json.loads((out / "summary.json").read_text())["test_acc_last"]

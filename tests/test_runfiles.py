@@ -32,6 +32,7 @@ from maskprune import train as trainer
 from maskprune.evaluate import evaluate_run
 from maskprune.runfiles import RunFileError, read_checkpoint, read_metrics, read_run_config, read_toml
 from maskprune.train import ConfigError, TrainConfig, TrainingInterrupted, train
+from cli_helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(model="lenet300", dataset="mnist", epochs=2, batch_size=64, limit_train=256, device="cpu", threads=1)
@@ -65,16 +66,6 @@ def finished_run(tmp_path_factory, mnist_subset) -> tuple[Path, dict]:
 def run(finished_run, tmp_path) -> Path:
     """A private copy of the finished run."""
     return Path(shutil.copytree(finished_run[0], tmp_path / "run"))
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        cli.main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_line_error(code: int, err: str, *needles: str) -> None:

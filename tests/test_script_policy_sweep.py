@@ -35,9 +35,21 @@ def test_every_policy_density_and_seed_is_there(quick_run):
     # the lr of each policy is the grid point with the best validation accuracy
     for policy in cfg["policies"]:
         tried = [s for s in record["selection"] if s["policy"] == policy]
-        assert [s["lr"] for s in tried] == cfg["grids"][policy]["lrs"] and len(tried) == 2
+        grid = cfg["grids"][policy]["lrs"]
+        lrs = [s["lr"] for s in tried]
+        assert lrs[:len(grid)] == grid and len(lrs) <= len(grid) + cfg["grid_extend"]
+        # every extension step continues the grid's own ratio past the edge that was then the best
+        for i in range(len(grid), len(lrs)):
+            best_so_far = max(tried[:i], key=lambda s: s["val_acc"])["lr"]
+            ordered = sorted(lrs[:i])
+            assert best_so_far in (ordered[0], ordered[-1])
+            expected = (best_so_far * ordered[-1] / ordered[-2] if best_so_far == ordered[-1]
+                        else best_so_far * ordered[0] / ordered[1])
+            assert lrs[i] == pytest.approx(expected)
         chosen = {p["lr"] for p in record["points"] if p["policy"] == policy}
         assert chosen == {max(tried, key=lambda s: s["val_acc"])["lr"]}
+        choice = next(c for c in record["lr_choice"] if c["policy"] == policy)
+        assert choice["grid"] == sorted(lrs) and choice["at_edge"] == (choice["lr"] in (min(lrs), max(lrs)))
     # even this tiny budget learns with the top-k rules at density 0.5 (chance: 0.10)
     layerwise = next(p for p in record["points"] if p["policy"] == "layerwise" and p["density"] == 0.5)
     assert layerwise["test_acc"] > 0.4

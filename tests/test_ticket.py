@@ -181,7 +181,7 @@ def test_torch_rng_weights_stored_or_base(tmp_path):
     """Weights drawn by torch's RNG (no weight_key) are hashed (base) or stored with store_weights."""
     torch.manual_seed(0)
     model = convert(models.create("conv2", num_classes=10, in_shape=(3, 8, 8), bias=False), 0.5,
-                    weight_init="signed_constant")
+                    weight_init="signed_constant", weight_seed=None)  # None: torch's draw, as before tickets
     train_steps(model, (3, 8, 8))
     arch = dict(name="conv2", num_classes=10, in_shape=(3, 8, 8), bias=False)
     stored = save_ticket(model, tmp_path / "s.mpt", arch=arch, store_weights=True)
@@ -191,6 +191,26 @@ def test_torch_rng_weights_stored_or_base(tmp_path):
     with pytest.raises(TicketError, match="drawn by torch's RNG"):
         load_ticket(tmp_path / "b.mpt")
     assert_same_network(model, load_ticket(tmp_path / "b.mpt", base_model=model), (3, 8, 8))
+
+
+def test_convert_draws_keyed_weights_by_default(tmp_path):
+    """convert(weight_init=...) keys every fused layer's weights (weight_seed="auto", reproducible under
+    torch.manual_seed); an explicit weight_seed gives the same weights in another model; None keeps torch's draw."""
+    def build(**kw):
+        return convert(models.create("lenet300", num_classes=10, in_shape=MNIST, width=0.2, bias=False), 0.5,
+                       weight_init="kaiming_uniform", **kw)
+    torch.manual_seed(3)
+    a = build()
+    torch.manual_seed(3)
+    b = build()
+    assert all(getattr(l, "weight_key", None) is not None for _, l in masked_layers(a))
+    assert all(torch.equal(x.weight, y.weight) for (_, x), (_, y) in zip(masked_layers(a), masked_layers(b)))
+    c, d = build(weight_seed=7), build(weight_seed=7)
+    assert all(torch.equal(x.weight, y.weight) for (_, x), (_, y) in zip(masked_layers(c), masked_layers(d)))
+    assert all(getattr(l, "weight_key", None) is None for _, l in masked_layers(build(weight_seed=None)))
+    for bad in (-1, 2 ** 64, 1.5, True, "seed"):
+        with pytest.raises(ValueError, match="weight_seed must be 'auto', None or an int in"):
+            build(weight_seed=bad)
 
 
 def test_model_attribute_arch(tmp_path):
@@ -421,12 +441,10 @@ def test_bad_arguments(small_ticket):
 
 
 @pytest.mark.parametrize("keyed", [False, True])
-def test_export_and_evaluate_run(tmp_path, monkeypatch, keyed):
-    """A tiny MNIST run's ticket tests to the run's summary accuracy exactly (CPU). keyed=True: weights from
-    maskprune.rng, as build_model will draw them (stores keys); False: today's torch-RNG weights (stored)."""
-    pytest.importorskip("maskprune.evaluate")
+def test_export_and_evaluate_run(tmp_path, keyed):
+    """A tiny MNIST run's ticket tests to the run's summary accuracy exactly (CPU). keyed=True: the trainer's
+    default generator (maskprune.rng, keys stored); False: --generator torch (weights stored)."""
     from maskprune import data as datasets
-    from maskprune import evaluate as evaluate_mod
     from maskprune import train as train_mod
     from maskprune.ticket import evaluate_ticket, export_run
 
@@ -434,16 +452,8 @@ def test_export_and_evaluate_run(tmp_path, monkeypatch, keyed):
         datasets.load("mnist")
     except datasets.DatasetUnavailable:
         pytest.skip("MNIST is not cached here")
-    if keyed:
-        original = train_mod.build_model
-
-        def build_seeded(cfg, num_classes, in_shape):
-            return rng.seed_weights(original(cfg, num_classes, in_shape), cfg.seed)
-
-        monkeypatch.setattr(train_mod, "build_model", build_seeded)
-        monkeypatch.setattr(evaluate_mod, "build_model", build_seeded)
     cfg = train_mod.TrainConfig(model="lenet300", dataset="mnist", epochs=1, batch_size=64, limit_train=512,
-                                device="cpu", threads=1)
+                                device="cpu", threads=1, generator="philox" if keyed else "torch")
     summary = train_mod.train(cfg, tmp_path / "run", quiet=True)
     header = export_run(tmp_path / "run", tmp_path / "run.mpt")
     assert {e["weight"]["source"] for e in header["layers"]} == ({"philox4x32-10"} if keyed else {"stored"})

@@ -187,8 +187,8 @@ def _default_reason(module: nn.Module, attr: str, param: torch.Tensor) -> str | 
 
 
 def convert(model: nn.Module, density: float, *, policy: str = "layerwise", weight_init: str | None = None,
-            score_init: str = "kaiming_uniform", scale_fan: bool = False, abs_scores: bool = True,
-            backend: str = "auto", skip: Iterable[Entry] | Entry = (), include: Iterable[Entry] | Entry | None = None,
+            weight_seed: int | str | None = "auto", score_init: str = "kaiming_uniform", scale_fan: bool = False,
+            abs_scores: bool = True, backend: str = "auto", skip: Iterable[Entry] | Entry = (), include: Iterable[Entry] | Entry | None = None,
             fused: bool = True, **policy_options) -> nn.Module:
     """Masks every weight tensor of `model` in place (edge-popup's setting); returns the model.
 
@@ -209,6 +209,13 @@ def convert(model: nn.Module, density: float, *, policy: str = "layerwise", weig
     weight_init). The CLI (`maskprune train`) instead re-initialises them with weight_init=
     "signed_constant", scale_fan=True (edge-popup's best setting), and MaskedLinear/MaskedConv2d made
     directly default to "signed_constant" without fan scaling.
+
+    weight_seed (only with a weight_init): the frozen weights of the fused layers are drawn by maskprune.rng's
+    counter-based generator keyed (weight_seed, i) for the i-th masked layer, identical on every backend and
+    torch version, and each layer records its `weight_key` (what a ticket stores instead of the weights).
+    "auto" draws weight_seed from torch's RNG (so torch.manual_seed still makes convert reproducible); None
+    keeps torch's own draw (the behaviour before tickets; such weights cannot be regenerated from a key).
+    WeightMask-parametrized tensors keep torch's draw.
 
     policy is a name from maskprune.masks.ALL_POLICIES: "layerwise" (each tensor keeps `density` of its
     weights, edge-popup), "global" (one threshold over all masked tensors), "supermask", "biprop", "signed",
@@ -234,6 +241,9 @@ def convert(model: nn.Module, density: float, *, policy: str = "layerwise", weig
     if policy not in masks.POLICIES:
         raise ValueError(f"policy must be one of {masks.POLICIES}, got {policy!r}")
     masks.check_options(policy, masks.policy_options(policy), policy_options)
+    if weight_seed != "auto" and weight_seed is not None and (
+            isinstance(weight_seed, bool) or not isinstance(weight_seed, int) or not 0 <= weight_seed < 2 ** 64):
+        raise ValueError(f"weight_seed must be 'auto', None or an int in [0, 2^64), got {weight_seed!r}")
     already = masked_tensors(model)
     if already:
         names = [t.name for t in already]
@@ -312,6 +322,11 @@ def convert(model: nn.Module, density: float, *, policy: str = "layerwise", weig
             maskers.append(mask)
             masked.append((qualified, tuple(weight.shape), "WeightMask"))
 
+    if weight_init is not None and weight_seed is not None:
+        if weight_seed == "auto":
+            weight_seed = int(torch.randint(0, 2 ** 63 - 1, ()))
+        from .. import rng  # late: rng reaches back into maskprune.nn for seed_weights
+        rng.seed_weights(model, weight_seed)  # overwrites torch's draw in the fused layers; sets layer.weight_key
     for p in model.parameters():
         p.requires_grad_(False)
     for m in maskers:
