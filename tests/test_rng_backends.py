@@ -316,6 +316,8 @@ def test_supermask_fused_draw_equals_unfused(shape, monkeypatch):
             layer.scores.copy_(torch.randn(layer.scores.shape))
         policy = layer.mask_policy
         monkeypatch.setattr(supermask, "_FUSED_OP", fused)
+        if not fused:  # the unfused path is the torch one (BernoulliSTE), not the "sampled" policy op
+            monkeypatch.setattr(supermask.ops, "policy_fused", lambda *args, **kwargs: False)
         x = torch.randn(4, shape[1], 5, 5) if conv else torch.randn(4, shape[1])
         out = []
         for step in (3, 2 ** 31 + 1):  # a step past 2^31: the key's top bit set
