@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grid-extend", type=int, default=2,
                    help="times the lr grid is extended by one step when its best value is at an edge")
     p.add_argument("--select-density", type=float, default=0.1, help="density at which each lr grid is searched")
+    p.add_argument("--grid", action="append", default=[], metavar="POLICY=LR,LR,...",
+                   help="replace one policy's lr grid (repeatable), e.g. gem_miner=0.1,0.3,1")
     p.add_argument("--iterand-period", type=int, default=300, help="IteRand's K (optimizer steps between redraws)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = leave torch's default)")
     p.add_argument("--run", default=None, help="run name (default: UTC time)")
@@ -75,6 +77,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.policies = option_list(p, "--policies", args.policies, str, accepted=POLICIES, what="policy")
     args.densities = option_list(p, "--densities", args.densities, float, low=1e-4, high=1.0)
     args.seeds = option_list(p, "--seeds", args.seeds, int, low=0, high=2 ** 31)
+    grids = {}
+    for item in args.grid:
+        policy, _, lrs = item.partition("=")
+        if policy not in POLICIES:
+            p.error(f"--grid: unknown policy {policy!r} in {item!r}; accepted: {', '.join(POLICIES)}")
+        grids[policy] = option_list(p, "--grid", lrs, float, low=1e-8, high=1e4)
+    args.grid = grids
     for flag in ("epochs", "batch_size", "iterand_period"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
@@ -199,7 +208,8 @@ def main(argv=None) -> int:
     setup_threads(args.threads)
     folder = run_dir("policy_sweep", args.run, args.out)
     config = {k: v for k, v in vars(args).items() if k not in ("run", "out")}
-    config["grids"] = {p: {"optimizer": GRIDS[p][0], "lrs": list(GRIDS[p][1][1:] if args.quick else GRIDS[p][1])}
+    config["grids"] = {p: {"optimizer": GRIDS[p][0],
+                           "lrs": args.grid.get(p) or list(GRIDS[p][1][1:] if args.quick else GRIDS[p][1])}
                        for p in args.policies}
     results = Results(folder, config)
     results.record["selection"] = []

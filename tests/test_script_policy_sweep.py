@@ -61,6 +61,8 @@ def test_every_policy_density_and_seed_is_there(quick_run):
     ("--densities", "0.5,2", r"--densities: every value must be in \[0.0001, 1.0\], got 2.0"),
     ("--epochs", "0", "--epochs: must be >= 1, got 0"),
     ("--select-density", "0", r"--select-density: must be in \(0, 1\], got 0.0"),
+    ("--grid", "popup=0.1,0.3", "--grid: unknown policy 'popup'"),
+    ("--grid", "gem_miner=0.1,x", "--grid: a comma list of float values"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(tmp_path, flag, value, message):
     proc = subprocess.run([sys.executable, str(SCRIPT), flag, value, "--out", str(tmp_path / "x")], cwd=REPO,
