@@ -134,6 +134,8 @@ setup(
     name="maskprune",
     version=version(),
     description="Mask training over frozen random networks (edge-popup), with Triton and C++/CUDA kernels",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["maskprune", "maskprune.nn", "maskprune.masks", "maskprune.kernels"],
     package_dir={"maskprune": "maskprune", "maskprune.nn": "maskprune/nn", "maskprune.masks": "maskprune/masks",
