@@ -45,6 +45,18 @@ def test_convert_checks_policy_options_before_changing_the_model():
     assert type(model[0]) is nn.Linear
 
 
+@pytest.mark.parametrize("policy", ["supermask", "threshold"])
+def test_a_number_as_score_init_is_the_policys_constant(policy):
+    model = nn.Sequential(nn.Linear(6, 5, bias=False))
+    maskprune.convert(model, 0.5, policy=policy, weight_init=None, score_init=0.25)
+    assert torch.all(model[0].scores == 0.25)
+    with pytest.raises(ValueError, match="score_init must be one of"):  # a policy without a constant init
+        maskprune.convert(nn.Sequential(nn.Linear(6, 5)), 0.5, policy="layerwise", score_init=0.25)
+    with pytest.raises(ValueError, match="option score_init must be one of uniform, half, keep, got 0.25"):
+        maskprune.convert(nn.Sequential(nn.Linear(6, 5)), 0.5, policy="gem_miner", score_init=0.25)
+
+
+
 @pytest.mark.parametrize("policy", [p for p in masks.ALL_POLICIES if p != "layerwise"])
 def test_train_runs_every_policy(tmp_path, policy):
     cfg = TrainConfig(**TINY, policy=policy, policy_options=OPTS.get(policy, ""), lr=LR.get(policy, 0.1),

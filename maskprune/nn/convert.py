@@ -187,7 +187,7 @@ def _default_reason(module: nn.Module, attr: str, param: torch.Tensor) -> str | 
 
 
 def convert(model: nn.Module, density: float, *, policy: str = "layerwise", weight_init: str | None = None,
-            weight_seed: int | str | None = "auto", score_init: str = "kaiming_uniform", scale_fan: bool = False,
+            weight_seed: int | str | None = "auto", score_init: str | float = "kaiming_uniform", scale_fan: bool = False,
             abs_scores: bool = True, backend: str = "auto", skip: Iterable[Entry] | Entry = (), include: Iterable[Entry] | Entry | None = None,
             fused: bool = True, **policy_options) -> nn.Module:
     """Masks every weight tensor of `model` in place (edge-popup's setting); returns the model.
@@ -221,7 +221,8 @@ def convert(model: nn.Module, density: float, *, policy: str = "layerwise", weig
     weights, edge-popup), "global" (one threshold over all masked tensors), "supermask", "biprop", "signed",
     "iterand", "gem_miner" or "threshold" (see each module of maskprune.masks for its rule, gradient and
     defaults); `policy_options` are that policy's options (masks.policy_options(name)), checked before
-    the model changes. One policy object is shared by all masked tensors; the trainer calls its hooks
+    the model changes (a number as score_init is the policy's own `score_init` option, for the policies that
+    have one). One policy object is shared by all masked tensors; the trainer calls its hooks
     through masks.step_hooks / epoch_hooks. Afterwards the whole network is frozen: the scores are the only
     parameters with requires_grad.
 
@@ -237,6 +238,11 @@ def convert(model: nn.Module, density: float, *, policy: str = "layerwise", weig
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if policy in masks.POLICIES and not isinstance(score_init, str) and "score_init" in masks.policy_options(policy):
+        # A number is the policy's own constant initial score (supermask, gem_miner, threshold), not a
+        # layer initialiser name: route it there instead of refusing it.
+        policy_options = {**policy_options, "score_init": score_init}
+        score_init = "kaiming_uniform"
     density = check_masking_args(density=density, weight_init=weight_init, score_init=score_init, backend=backend)
     if policy not in masks.POLICIES:
         raise ValueError(f"policy must be one of {masks.POLICIES}, got {policy!r}")
