@@ -233,7 +233,7 @@ def build_model(cfg: TrainConfig, num_classes: int, in_shape: tuple) -> nn.Modul
     if cfg.mode == "mask":
         convert(model, cfg.density, policy=cfg.policy, weight_init=cfg.weight_init, score_init=cfg.score_init,
                 scale_fan=cfg.scale_fan, backend=cfg.backend,
-                weight_seed=cfg.seed if cfg.generator == "philox" else None, **policy_options(cfg))
+                weight_seed=cfg.seed if cfg.generator == "philox" else None, options=policy_options(cfg))
     return model
 
 

@@ -45,6 +45,16 @@ def test_convert_checks_policy_options_before_changing_the_model():
     assert type(model[0]) is nn.Linear
 
 
+@pytest.mark.parametrize("policy, value, first", [("threshold", "0.02", 0.02), ("supermask", "-1.5", -1.5),
+                                                  ("gem_miner", "half", 0.5)])
+def test_the_trainer_passes_a_policys_score_init(policy, value, first):
+    """score_init in policy_options (--<policy>-score-init) reaches the policy, not convert's layer initialiser."""
+    cfg = TrainConfig(policy=policy, policy_options=f"score_init={value}")
+    model = trainer.build_model(cfg, 10, (1, 28, 28))
+    scores = [p for n, p in model.named_parameters() if n.endswith("scores")]
+    assert scores and all(torch.all(s == first) for s in scores)
+
+
 @pytest.mark.parametrize("policy", ["supermask", "threshold"])
 def test_a_number_as_score_init_is_the_policys_constant(policy):
     model = nn.Sequential(nn.Linear(6, 5, bias=False))

@@ -189,7 +189,7 @@ def _default_reason(module: nn.Module, attr: str, param: torch.Tensor) -> str | 
 def convert(model: nn.Module, density: float, *, policy: str = "layerwise", weight_init: str | None = None,
             weight_seed: int | str | None = "auto", score_init: str | float = "kaiming_uniform", scale_fan: bool = False,
             abs_scores: bool = True, backend: str = "auto", skip: Iterable[Entry] | Entry = (), include: Iterable[Entry] | Entry | None = None,
-            fused: bool = True, **policy_options) -> nn.Module:
+            fused: bool = True, options: dict | None = None, **policy_options) -> nn.Module:
     """Masks every weight tensor of `model` in place (edge-popup's setting); returns the model.
 
     What is masked, and how (see the module docstring for why):
@@ -220,7 +220,7 @@ def convert(model: nn.Module, density: float, *, policy: str = "layerwise", weig
     policy is a name from maskprune.masks.ALL_POLICIES: "layerwise" (each tensor keeps `density` of its
     weights, edge-popup), "global" (one threshold over all masked tensors), "supermask", "biprop", "signed",
     "iterand", "gem_miner" or "threshold" (see each module of maskprune.masks for its rule, gradient and
-    defaults); `policy_options` are that policy's options (masks.policy_options(name)), checked before
+    defaults); `policy_options` (keywords, or the dict `options`) are that policy's options (masks.policy_options(name)), checked before
     the model changes (a number as score_init is the policy's own `score_init` option, for the policies that
     have one). One policy object is shared by all masked tensors; the trainer calls its hooks
     through masks.step_hooks / epoch_hooks. Afterwards the whole network is frozen: the scores are the only
@@ -238,6 +238,11 @@ def convert(model: nn.Module, density: float, *, policy: str = "layerwise", weig
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if options:  # the policy options as one dict (a key such as score_init cannot clash with convert's own)
+        clash = sorted(set(options) & set(policy_options))
+        if clash:
+            raise ValueError(f"policy options given twice, in options= and as keywords: {clash}")
+        policy_options = {**options, **policy_options}
     if policy in masks.POLICIES and not isinstance(score_init, str) and "score_init" in masks.policy_options(policy):
         # A number is the policy's own constant initial score (supermask, gem_miner, threshold), not a
         # layer initialiser name: route it there instead of refusing it.
