@@ -163,6 +163,65 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tenso
     return loss_sum / max(seen, 1)
 
 
+def fit_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
+               epochs: int, batch_size: int, seed: int, label: str | None = None) -> dict:
+    """Mask training as maskprune's trainer runs a policy: the per-step cosine schedule, the policy's penalty
+    added to the cross-entropy, its step and epoch hooks, its finalize after the last epoch. Stops before the
+    step at a non-finite loss. Returns steps taken, whether it diverged, and the last epoch's mean loss.
+
+    The order of examples depends only on (seed, epoch); with a `label`, a tqdm bar shows each epoch's loss."""
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from maskprune import masks
+    from maskprune.train import lr_factor
+
+    total = epochs * -(-len(x) // batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, 0))
+    step, diverged, loss_sum = 0, False, 0.0
+    model.train()
+    epochs_iter = (tqdm(range(epochs), desc=label, leave=False, mininterval=2.0, file=sys.stderr)
+                   if label is not None else range(epochs))
+    for epoch in epochs_iter:
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        loss_sum = 0.0
+        for start in range(0, len(x), batch_size):
+            idx = order[start:start + batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            penalty = masks.policy_penalty(model)
+            if penalty is not None:
+                loss = loss + penalty
+            if not torch.isfinite(loss):
+                diverged = True
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            masks.step_hooks(model, step)
+            loss_sum += float(loss.detach()) * len(idx)
+        if diverged:
+            break
+        masks.epoch_hooks(model, epoch + 1)
+        if label is not None:
+            epochs_iter.set_postfix(loss=f"{loss_sum / len(x):.3f}")
+    if label is not None:
+        epochs_iter.close()
+    masks.finalize_policies(model)
+    return {"steps": step, "diverged": diverged, "train_loss": float("nan") if diverged else loss_sum / len(x)}
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048) -> float:
+    """Top-1 accuracy in eval mode, in batches; leaves the model in train mode."""
+    model.eval()
+    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+                  for i in range(0, len(x), batch_size))
+    model.train()
+    return correct / len(x)
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
     model.eval()

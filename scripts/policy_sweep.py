@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Results, mean_std, option_list, run_dir, seed_everything, setup_threads  # noqa: E402
+from _common import (Results, accuracy, fit_policy, mean_std, option_list, run_dir, seed_everything,  # noqa: E402
+                     setup_threads)
 
 import maskprune  # noqa: E402
 from maskprune import data, masks, models  # noqa: E402
@@ -123,49 +123,18 @@ def train_one(task: str, policy_name: str, density: float, seed: int, lr: float,
     params = [layer.scores for layer in layers]
     optimizer = (torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer_name == "sgd"
                  else torch.optim.Adam(params, lr=lr))
-    from maskprune.train import lr_factor
-
     x, y = _limit(splits.train_x, splits.train_y, args.train_limit)
-    steps_per_epoch = -(-len(x) // args.batch_size)
-    total = args.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, 0))
-    t0, step, diverged = time.perf_counter(), 0, False
-    model.train()
-    for epoch in range(args.epochs):
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        for start in range(0, len(x), args.batch_size):
-            idx = order[start:start + args.batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            penalty = masks.policy_penalty(model)
-            if penalty is not None:
-                loss = loss + penalty
-            if not torch.isfinite(loss):
-                diverged = True
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            masks.step_hooks(model, step)
-        if diverged:
-            break
-        masks.epoch_hooks(model, epoch + 1)
-    masks.finalize_policies(model)
+    t0 = time.perf_counter()
+    run = fit_policy(model, optimizer, x, y, epochs=args.epochs, batch_size=args.batch_size, seed=seed)
+    diverged, step = run["diverged"], run["steps"]
     seconds = time.perf_counter() - t0
-
-    @torch.no_grad()
-    def accuracy(xs, ys) -> float:
-        model.eval()
-        correct = sum(int((model(xs[i:i + 2048]).argmax(1) == ys[i:i + 2048]).sum()) for i in range(0, len(xs), 2048))
-        return correct / len(xs)
 
     val_x, val_y = _limit(splits.val_x, splits.val_y, args.val_limit)
     test_x, test_y = _limit(splits.test_x, splits.test_y, args.test_limit)
     kept = sum(int((policy.mask(layer) != 0).sum()) for layer in layers)
     total_weights = sum(layer.scores.numel() for layer in layers)
-    return {"val_acc": float("nan") if diverged else accuracy(val_x, val_y),
-            "test_acc": float("nan") if diverged else accuracy(test_x, test_y),
+    return {"val_acc": float("nan") if diverged else accuracy(model, val_x, val_y),
+            "test_acc": float("nan") if diverged else accuracy(model, test_x, test_y),
             "kept_fraction": kept / total_weights, "steps": step, "train_seconds": round(seconds, 2),
             "diverged": diverged}
 

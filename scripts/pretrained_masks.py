@@ -48,15 +48,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Results, mean_std, option_list, run_dir, seed_everything, setup_threads  # noqa: E402
+from _common import (Results, accuracy, fit_policy, mean_std, option_list, run_dir, seed_everything,  # noqa: E402
+                     setup_threads)
 
 import maskprune  # noqa: E402
-from maskprune import data, masks, models  # noqa: E402
-from maskprune.train import lr_factor  # noqa: E402
+from maskprune import data, models  # noqa: E402
 
 ARMS = ("pretrained_threshold", "dense_fashion", "random_threshold", "random_layerwise")
 MASKED_ARMS = ("pretrained_threshold", "random_threshold", "random_layerwise")
@@ -124,56 +123,19 @@ def _lenet(splits) -> torch.nn.Module:
     return models.create("lenet300", num_classes=splits.num_classes, in_shape=splits.in_shape, bias=False)
 
 
-@torch.no_grad()
-def accuracy(model, xs, ys) -> float:
-    model.eval()
-    correct = sum(int((model(xs[i:i + 2048]).argmax(1) == ys[i:i + 2048]).sum()) for i in range(0, len(xs), 2048))
-    model.train()
-    return correct / len(xs)
-
-
 def fit(model, params, optimizer_name: str, lr: float, splits, seed: int, epochs: int, args, label: str) -> dict:
     """Minibatch training (cosine schedule per step, the policies' hooks); stops at a non-finite loss."""
     optimizer = (torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer_name == "sgd"
                  else torch.optim.Adam(params, lr=lr))
     x, y = _limit(splits.train_x, splits.train_y, args.train_limit)
-    steps_per_epoch = -(-len(x) // args.batch_size)
-    total = epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, 0))
-    t0, step, diverged, loss_sum = time.perf_counter(), 0, False, 0.0
-    model.train()
-    bar = tqdm(range(epochs), desc=label, leave=False, mininterval=2.0, file=sys.stderr)
-    for epoch in bar:
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        loss_sum = 0.0
-        for start in range(0, len(x), args.batch_size):
-            idx = order[start:start + args.batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            penalty = masks.policy_penalty(model)
-            if penalty is not None:
-                loss = loss + penalty
-            if not torch.isfinite(loss):
-                diverged = True
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            masks.step_hooks(model, step)
-            loss_sum += float(loss.detach()) * len(idx)
-        if diverged:
-            break
-        masks.epoch_hooks(model, epoch + 1)
-        bar.set_postfix(loss=f"{loss_sum / len(x):.3f}")
-    bar.close()
-    masks.finalize_policies(model)
+    t0 = time.perf_counter()
+    run = fit_policy(model, optimizer, x, y, epochs=epochs, batch_size=args.batch_size, seed=seed, label=label)
     val_x, val_y = _limit(splits.val_x, splits.val_y, args.val_limit)
     test_x, test_y = _limit(splits.test_x, splits.test_y, args.test_limit)
-    return {"val_acc": float("nan") if diverged else accuracy(model, val_x, val_y),
-            "test_acc": float("nan") if diverged else accuracy(model, test_x, test_y),
-            "train_loss": float("nan") if diverged else loss_sum / len(x),
-            "steps": step, "train_seconds": round(time.perf_counter() - t0, 2), "diverged": diverged}
+    return {"val_acc": float("nan") if run["diverged"] else accuracy(model, val_x, val_y),
+            "test_acc": float("nan") if run["diverged"] else accuracy(model, test_x, test_y),
+            "train_loss": run["train_loss"], "steps": run["steps"],
+            "train_seconds": round(time.perf_counter() - t0, 2), "diverged": run["diverged"]}
 
 
 def _entropy_bits(f: float) -> float:
