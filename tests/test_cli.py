@@ -49,6 +49,7 @@ BAD = [
     (["--mode", "sparse"], "--mode"),
     (["--policy", "random"], "--policy"),
     (["--backend", "nope"], "--backend"),
+    (["--generator", "mt19937"], "--generator"),
     (["--resume", "no/such/last.pt"], "--resume"),
     (["--no-such-flag"], "--no-such-flag"),
 ]

@@ -55,6 +55,15 @@ def test_the_trainer_passes_a_policys_score_init(policy, value, first):
     assert scores and all(torch.all(s == first) for s in scores)
 
 
+def test_policy_options_given_twice_are_refused():
+    model = nn.Sequential(nn.Linear(6, 5))
+    with pytest.raises(ValueError, match=r"policy options given twice, in options= and as keywords: \['period'\]"):
+        maskprune.convert(model, 0.5, policy="iterand", options={"period": 10}, period=20)
+    with pytest.raises(TypeError, match="options must be a dict of policy options, got str"):
+        maskprune.convert(model, 0.5, policy="iterand", options="period=10")
+    assert type(model[0]) is nn.Linear  # refused before the model changed
+
+
 @pytest.mark.parametrize("policy", ["supermask", "threshold"])
 def test_a_number_as_score_init_is_the_policys_constant(policy):
     model = nn.Sequential(nn.Linear(6, 5, bias=False))

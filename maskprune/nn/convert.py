@@ -238,6 +238,8 @@ def convert(model: nn.Module, density: float, *, policy: str = "layerwise", weig
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"options must be a dict of policy options, got {type(options).__name__}")
     if options:  # the policy options as one dict (a key such as score_init cannot clash with convert's own)
         clash = sorted(set(options) & set(policy_options))
         if clash:
