@@ -63,6 +63,17 @@ TORCH_LIBRARY(maskprune, m) {
   // supermask's fused training draw (CPU): (W * 1[u < probs], probs * (1 - probs)), u = counter_weights_'s
   // "uniform" values of (seed, layer, stream) over the weight's elements; float32 weight and probs.
   m.def("supermask_philox_mask(Tensor weight, Tensor probs, int seed, int layer, int stream) -> (Tensor, Tensor)");
+  // Seed mode (frozen weights that take no memory): W is regenerated from counter_weights_'s (init, scale, seed,
+  // layer) values on stream 0 inside the pass instead of read. W * 1[key >= t] (key |S|, or S when abs_scores=False)
+  // in `dtype` (default float32), bit for bit apply_mask over the stored float32 weight; float32 scores and t.
+  m.def(
+      "seed_apply_mask(Tensor scores, Tensor t, bool abs_scores, str init, float scale, int seed, int layer, "
+      "ScalarType? dtype=None) -> Tensor");
+  // score_grad_ over the regenerated W: grad_weight <- sign(S) * W * grad_weight (W * grad_weight if not
+  // abs_scores); grad_weight float32, contiguous, the scores' shape.
+  m.def(
+      "seed_score_grad_(Tensor(a!) grad_weight, Tensor scores, bool abs_scores, str init, float scale, int seed, "
+      "int layer) -> ()");
   // t: the n_keep-th largest key (|S|, or S when abs_scores=False), n_keep = clamp(floor(density*n + 1/2), 1, n).
   // `hint`, a previous t of these scores, may speed the selection up; the result never depends on it.
   m.def("threshold(Tensor scores, float density, bool abs_scores, Tensor? hint=None) -> Tensor");

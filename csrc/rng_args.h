@@ -47,4 +47,34 @@ inline CounterArgs check_counter_args(const at::Tensor& out, c10::string_view in
           static_cast<uint32_t>(stream), static_cast<uint64_t>(offset)};
 }
 
+// Seed mode (seed_apply_mask, seed_score_grad_): float32 scores and the weight's key as counter_weights_ takes
+// it (stream 0, offset 0; `init` one of the three weight inits).
+inline CounterArgs check_seed_key(const at::Tensor& scores, c10::string_view init, double scale, int64_t seed,
+                                  int64_t layer) {
+  TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat, "scores must be float32, got ", scores.scalar_type());
+  TORCH_CHECK_VALUE(init != "uniform",
+                    "init must be one of (signed_constant, kaiming_normal, kaiming_uniform), got 'uniform'");
+  return check_counter_args(scores.contiguous(), init, scale, seed, layer, 0, 0);
+}
+
+// seed_apply_mask's threshold: a 0-d float32 tensor on the scores' device.
+inline void check_seed_threshold(const at::Tensor& scores, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.dim() == 0, "t must be a 0-d tensor, got shape ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "t must have the scores' dtype float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == scores.device(), "t and scores must be on the same device, got ", t.device(),
+                    " and ", scores.device());
+}
+
+// seed_score_grad_ writes dS over grad_weight: float32, contiguous, the scores' shape and device.
+inline void check_seed_grad(const at::Tensor& grad_weight, const at::Tensor& scores) {
+  TORCH_CHECK_TYPE(grad_weight.scalar_type() == at::kFloat,
+                   "grad_weight must be float32 (the scores' dtype) to take dS in place, got ",
+                   grad_weight.scalar_type());
+  TORCH_CHECK_VALUE(grad_weight.sizes() == scores.sizes(), "grad_weight must have the scores' shape ", scores.sizes(),
+                    ", got ", grad_weight.sizes());
+  TORCH_CHECK_VALUE(grad_weight.is_contiguous(), "grad_weight must be contiguous to take dS in place");
+  TORCH_CHECK_VALUE(grad_weight.device() == scores.device(), "grad_weight and scores must be on the same device, got ",
+                    grad_weight.device(), " and ", scores.device());
+}
+
 }  // namespace maskprune

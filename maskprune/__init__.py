@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 import os
 from typing import TYPE_CHECKING
 
-from . import data, ops, rng
+from . import data, ops, rng, seed_ops
 from .nn import ConvertSummary, MaskedConv2d, MaskedLinear, convert, mask_stats, masked_tensors, to_dense
 from .ops import apply_mask, global_threshold, masked_linear, threshold
 from .runfiles import RunFileError
@@ -29,4 +29,4 @@ def load_run(run_dir: str | os.PathLike, which: str = "best",
 
 __all__ = ["data", "ops", "threshold", "global_threshold", "apply_mask", "masked_linear", "MaskedLinear", "MaskedConv2d",
            "convert", "mask_stats", "masked_tensors", "ConvertSummary", "to_dense", "load_run", "RunFileError",
-           "rng", "save_ticket", "load_ticket", "TicketError", "__version__"]
+           "rng", "seed_ops", "save_ticket", "load_ticket", "TicketError", "__version__"]

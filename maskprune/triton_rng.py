@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["DISTRIBUTIONS", "OUT_DTYPES", "counter_fill"]
+__all__ = ["DISTRIBUTIONS", "OUT_DTYPES", "counter_fill", "counter_value", "dist_step"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The `init` names, in the order of the kernel's DIST constant (and of csrc/philox.h's Dist).
@@ -32,16 +32,14 @@ def _configs() -> list:
     return [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((512, 4), (1024, 4), (2048, 8), (4096, 8))]
 
 
-@triton.autotune(configs=_configs(), key=["n", "DIST"])
 @triton.jit
-def _counter_values_kernel(out_ptr, n, offset, seed, layer, stream, step, DIST: tl.constexpr, BLOCK: tl.constexpr):
-    """out[j] = value of element offset + j, for j < n; `step` is scale, scale * 2^-23 (kaiming_uniform) or
-    scale * 2^-24 (uniform), a float32; layer and stream arrive as the int32 bits of their uint32 values."""
-    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    i = j + offset
+def counter_value(i, seed, layer, stream, step, DIST: tl.constexpr):
+    """The float32 value of elements `i` (an int64 block) of (seed, layer, stream): maskprune.rng's formulas.
+    `step` is scale, scale * 2^-23 (kaiming_uniform) or scale * 2^-24 (uniform); layer and stream are the
+    int32 bits of their uint32 values. Shared by every kernel that regenerates weights (kernels/seed_mask.py)."""
     c0 = (i & 0xFFFFFFFF).to(tl.uint32)
     c1 = (i >> 32).to(tl.uint32)
-    zero = tl.zeros((BLOCK,), dtype=tl.uint32)
+    zero = tl.zeros(i.shape, dtype=tl.uint32)
     c2 = zero + tl.to_tensor(layer).to(tl.uint32, bitcast=True)
     c3 = zero + tl.to_tensor(stream).to(tl.uint32, bitcast=True)
     x0, x1, _, _ = tl.philox(seed, c0, c1, c2, c3)
@@ -50,19 +48,34 @@ def _counter_values_kernel(out_ptr, n, offset, seed, layer, stream, step, DIST: 
     elif DIST == 1:  # kaiming_uniform: (x0 >> 8) - 2^23, exact in float32, times scale * 2^-23
         w = ((x0 >> 8).to(tl.int32) - 8388608).to(tl.float32) * step
     elif DIST == 2:  # kaiming_normal: Box-Muller in float64 (float64 constants: a Python float would be float32)
-        half = tl.full((BLOCK,), 0.5, tl.float64)
-        ulp24 = tl.full((BLOCK,), 2.0 ** -24, tl.float64)
-        two_pi = tl.full((BLOCK,), 6.283185307179586, tl.float64)
+        half = tl.full(i.shape, 0.5, tl.float64)
+        ulp24 = tl.full(i.shape, 2.0 ** -24, tl.float64)
+        two_pi = tl.full(i.shape, 6.283185307179586, tl.float64)
         u1 = ((x0 >> 8).to(tl.float64) + half) * ulp24
         u2 = (x1 >> 8).to(tl.float64) * ulp24
         z = tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(two_pi * u2)
         w = z.to(tl.float32) * step
     else:  # uniform: (x0 >> 8) * scale * 2^-24
         w = (x0 >> 8).to(tl.float32) * step
+    return w
+
+
+@triton.autotune(configs=_configs(), key=["n", "DIST"])
+@triton.jit
+def _counter_values_kernel(out_ptr, n, offset, seed, layer, stream, step, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """out[j] = value of element offset + j, for j < n (see counter_value)."""
+    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    w = counter_value(j + offset, seed, layer, stream, step, DIST)
     tl.store(out_ptr + j, w.to(out_ptr.dtype.element_ty), mask=j < n)  # float32 or float64: exact
 
 
-def _as_int32_bits(value: int) -> int:
+def dist_step(init: str, scale32: float) -> float:
+    """counter_value's `step` for `init` and a float32 scale (exact in float32: a power-of-two factor)."""
+    dist = DISTRIBUTIONS.index(init)
+    return scale32 * (2.0 ** -23 if dist == 1 else 2.0 ** -24 if dist == 3 else 1.0)
+
+
+def as_int32_bits(value: int) -> int:
     """A uint32 as the int32 with its bits (kernel integer arguments are signed)."""
     return value - (1 << 32) if value >= (1 << 31) else value
 
@@ -94,13 +107,13 @@ def counter_fill(out: torch.Tensor, init: str, scale: float, *, seed: int, layer
     if n == 0:
         return out
     dist = DISTRIBUTIONS.index(init)
-    step = float(step32) * (2.0 ** -23 if dist == 1 else 2.0 ** -24 if dist == 3 else 1.0)  # exact in float32
+    step = dist_step(init, float(step32))
     # float16/bfloat16 through a float32 buffer and torch's cast (round to nearest even, as the C++ kernel
     # rounds): the interpreter's own float32 -> bfloat16 conversion rounds ties up and drops mantissa carries.
     target = out if out.dtype in (torch.float32, torch.float64) else torch.empty(out.shape, device=out.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
     with torch.cuda.device(out.device) if out.device.type == "cuda" else contextlib.nullcontext():
-        _counter_values_kernel[grid](target, n, offset, seed, _as_int32_bits(layer), _as_int32_bits(stream), step,
+        _counter_values_kernel[grid](target, n, offset, seed, as_int32_bits(layer), as_int32_bits(stream), step,
                                      DIST=dist)
     if target is not out:
         out.copy_(target)

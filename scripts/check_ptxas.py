@@ -171,6 +171,16 @@ def triton_cases() -> list:
                       dict(out_ptr="*fp32", n="i64", offset="i64", seed="i64", step="fp32"),
                       dict(DIST=dist, BLOCK=2048), [{"num_warps": 8}], "other", {},
                       {"n", "offset", "seed", "layer", "stream", "step"}))
+    seed = importlib.import_module("maskprune.kernels.seed_mask")  # seed mode: W regenerated inside the passes
+    for dist, init in enumerate(seed.DISTRIBUTIONS):
+        cases.append((f"seed mask ({init})", "fp32 -> bf16", seed, "_seed_mask_kernel",
+                      dict(s_ptr="*fp32", t_ptr="*fp32", out_ptr="*bf16", n="i64", seed="i64", step="fp32"),
+                      dict(DIST=dist, ABS_SCORES=True, BLOCK=1024), [{"num_warps": 4}], "other", {},
+                      {"n", "seed", "layer", "step"}))
+        cases.append((f"seed score grad ({init})", "fp32", seed, "_seed_score_grad_kernel",
+                      dict(g_ptr="*fp32", s_ptr="*fp32", n="i64", seed="i64", step="fp32"),
+                      dict(DIST=dist, ABS_SCORES=True, BLOCK=1024), [{"num_warps": 4}], "other", {},
+                      {"n", "seed", "layer", "step"}))
     return cases
 
 

@@ -7,8 +7,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 
@@ -235,11 +237,101 @@ std::tuple<at::Tensor, at::Tensor> supermask_philox_mask_cpu(const at::Tensor& w
   return {w_eff, q};
 }
 
+// ---- seed mode (issue 18 §3): W regenerated block by block (kBlock floats on the stack, in L1) inside the
+// mask pass and the dS pass, never stored. Each pass computes exactly what mask_loop / score_grad_loop
+// (mask_ops.cpp) compute from the stored float32 weight, so the two modes agree bit for bit.
+
+// Calls f with the distribution as a compile-time constant (std::integral_constant).
+template <typename F>
+void with_dist(philox::Dist dist, F&& f) {
+  switch (dist) {
+    case philox::Dist::kSignedConstant: return f(std::integral_constant<philox::Dist, philox::Dist::kSignedConstant>{});
+    case philox::Dist::kKaimingUniform: return f(std::integral_constant<philox::Dist, philox::Dist::kKaimingUniform>{});
+    case philox::Dist::kKaimingNormal: return f(std::integral_constant<philox::Dist, philox::Dist::kKaimingNormal>{});
+    case philox::Dist::kUniform: return f(std::integral_constant<philox::Dist, philox::Dist::kUniform>{});
+  }
+}
+
+template <philox::Dist kDist, bool kAbs, typename out_t>
+void seed_mask_range(const float* __restrict__ s, out_t* __restrict__ out, float thr, int64_t begin, int64_t end,
+                     const CounterArgs& a) {
+  alignas(32) float w[kBlock];
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t n = std::min(kBlock, end - b);
+    fill_values<kDist>(w, n, static_cast<uint64_t>(b), a);
+    for (int64_t j = 0; j < n; ++j) {
+      const float key = kAbs ? std::abs(s[b + j]) : s[b + j];
+      const float keep = key >= thr ? 1.0f : 0.0f;  // w * keep: a dropped negative weight is -0.0, as mask_loop's
+      out[b + j] = static_cast<out_t>(w[j] * keep);
+    }
+  }
+}
+
+template <philox::Dist kDist, bool kAbs>
+void seed_grad_range(float* __restrict__ g, const float* __restrict__ s, int64_t begin, int64_t end,
+                     const CounterArgs& a) {
+  alignas(32) float w[kBlock];
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t n = std::min(kBlock, end - b);
+    fill_values<kDist>(w, n, static_cast<uint64_t>(b), a);
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = w[j] * g[b + j];
+      if constexpr (kAbs) {
+        const float sj = s[b + j];
+        g[b + j] = ((sj > 0.0f ? 1.0f : 0.0f) - (sj < 0.0f ? 1.0f : 0.0f)) * v;
+      } else {
+        g[b + j] = v;
+      }
+    }
+  }
+}
+
+at::Tensor seed_apply_mask_cpu(const at::Tensor& scores, const at::Tensor& t, bool abs_scores, c10::string_view init,
+                               double scale, int64_t seed, int64_t layer, std::optional<at::ScalarType> dtype) {
+  const CounterArgs a = check_seed_key(scores, init, scale, seed, layer);
+  check_seed_threshold(scores, t);
+  const auto out_dtype = dtype.value_or(at::kFloat);
+  TORCH_CHECK_TYPE(at::isFloatingType(out_dtype), "dtype must be a floating dtype, got ", out_dtype);
+  const at::Tensor s = scores.contiguous();
+  at::Tensor out = at::empty(s.sizes(), s.options().dtype(out_dtype));
+  if (s.numel() == 0) return out;
+  const float thr = t.item<float>();
+  const float* sp = s.data_ptr<float>();
+  with_dist(a.dist, [&](auto dist) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "seed_apply_mask", [&] {
+      scalar_t* op = out.data_ptr<scalar_t>();
+      at::parallel_for(0, s.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        if (abs_scores) seed_mask_range<decltype(dist)::value, true>(sp, op, thr, begin, end, a);
+        else seed_mask_range<decltype(dist)::value, false>(sp, op, thr, begin, end, a);
+      });
+    });
+  });
+  return out;
+}
+
+void seed_score_grad_cpu(at::Tensor& grad_weight, const at::Tensor& scores, bool abs_scores, c10::string_view init,
+                         double scale, int64_t seed, int64_t layer) {
+  const CounterArgs a = check_seed_key(scores, init, scale, seed, layer);
+  check_seed_grad(grad_weight, scores);
+  if (grad_weight.numel() == 0) return;
+  const at::Tensor s = scores.contiguous();
+  const float* sp = s.data_ptr<float>();
+  float* gp = grad_weight.data_ptr<float>();
+  with_dist(a.dist, [&](auto dist) {
+    at::parallel_for(0, s.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      if (abs_scores) seed_grad_range<decltype(dist)::value, true>(gp, sp, begin, end, a);
+      else seed_grad_range<decltype(dist)::value, false>(gp, sp, begin, end, a);
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(maskprune, CPU, m) {
   m.impl("counter_weights_", &counter_weights_cpu);
   m.impl("supermask_philox_mask", &supermask_philox_mask_cpu);
+  m.impl("seed_apply_mask", &seed_apply_mask_cpu);
+  m.impl("seed_score_grad_", &seed_score_grad_cpu);
 }
 
 }  // namespace maskprune

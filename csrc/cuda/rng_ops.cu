@@ -1,6 +1,7 @@
 // CUDA kernel of counter_weights_: the CPU kernel's values (cpu/rng_ops.cpp) from the same philox.h, one
 // element per thread in a grid-stride loop, on the current stream. signed_constant, kaiming_uniform and
-// uniform equal the CPU's bit for bit; kaiming_normal uses CUDA's float64 log and cos (philox.h).
+// uniform equal the CPU's bit for bit; kaiming_normal uses CUDA's float64 log and cos (philox.h). Also the
+// seed-mode passes (seed_apply_mask, seed_score_grad_), which regenerate W instead of reading it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -10,6 +11,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
+#include <type_traits>
 
 #include "../philox.h"
 #include "../rng_args.h"
@@ -56,8 +59,106 @@ void counter_weights_cuda(at::Tensor& out, c10::string_view init, double scale, 
   }
 }
 
+// ---- seed mode (issue 18 §3): W regenerated in registers, one element per thread, inside the mask pass and
+// the dS pass; the same products as apply_mask / score_grad_ over the stored float32 weight (cpu/rng_ops.cpp).
+
+template <philox::Dist kDist, bool kAbs, typename out_t>
+__global__ void __launch_bounds__(kThreads)
+    seed_mask_kernel(const float* __restrict__ s, const float* __restrict__ t, out_t* __restrict__ out, int64_t n,
+                     uint64_t seed, uint32_t layer, float step) {
+  const float thr = *t;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < n; j += stride) {
+    const float w = philox::value_of(kDist, philox::element_words(static_cast<uint64_t>(j), seed, layer, 0), step);
+    const float key = kAbs ? fabsf(s[j]) : s[j];
+    out[j] = static_cast<out_t>(__fmul_rn(w, key >= thr ? 1.0f : 0.0f));
+  }
+}
+
+template <philox::Dist kDist, bool kAbs>
+__global__ void __launch_bounds__(kThreads)
+    seed_grad_kernel(float* __restrict__ g, const float* __restrict__ s, int64_t n, uint64_t seed, uint32_t layer,
+                     float step) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < n; j += stride) {
+    const float w = philox::value_of(kDist, philox::element_words(static_cast<uint64_t>(j), seed, layer, 0), step);
+    const float v = __fmul_rn(w, g[j]);  // no FMA contraction: the CPU's w * g, then the sign
+    if (kAbs) {
+      const float sj = s[j];
+      g[j] = __fmul_rn((sj > 0.0f ? 1.0f : 0.0f) - (sj < 0.0f ? 1.0f : 0.0f), v);
+    } else {
+      g[j] = v;
+    }
+  }
+}
+
+int64_t blocks_for(int64_t n) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t{sms} * 16);
+}
+
+template <typename F>
+void with_dist(philox::Dist dist, F&& f) {
+  switch (dist) {
+    case philox::Dist::kSignedConstant: return f(std::integral_constant<philox::Dist, philox::Dist::kSignedConstant>{});
+    case philox::Dist::kKaimingUniform: return f(std::integral_constant<philox::Dist, philox::Dist::kKaimingUniform>{});
+    case philox::Dist::kKaimingNormal: return f(std::integral_constant<philox::Dist, philox::Dist::kKaimingNormal>{});
+    case philox::Dist::kUniform: return f(std::integral_constant<philox::Dist, philox::Dist::kUniform>{});
+  }
+}
+
+at::Tensor seed_apply_mask_cuda(const at::Tensor& scores, const at::Tensor& t, bool abs_scores, c10::string_view init,
+                                double scale, int64_t seed, int64_t layer, std::optional<at::ScalarType> dtype) {
+  const CounterArgs a = check_seed_key(scores, init, scale, seed, layer);
+  check_seed_threshold(scores, t);
+  const auto out_dtype = dtype.value_or(at::kFloat);
+  TORCH_CHECK_TYPE(at::isFloatingType(out_dtype), "dtype must be a floating dtype, got ", out_dtype);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  const at::Tensor s = scores.contiguous();
+  at::Tensor out = at::empty(s.sizes(), s.options().dtype(out_dtype));
+  const int64_t n = s.numel();
+  if (n == 0) return out;
+  const cudaStream_t cuda_stream = at::cuda::getCurrentCUDAStream();
+  with_dist(a.dist, [&](auto dist) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "seed_apply_mask", [&] {
+      const auto launch = [&](auto kernel) {
+        kernel<<<static_cast<unsigned>(blocks_for(n)), kThreads, 0, cuda_stream>>>(
+            s.data_ptr<float>(), t.data_ptr<float>(), out.data_ptr<scalar_t>(), n, a.seed, a.layer, a.step);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (abs_scores) launch(seed_mask_kernel<decltype(dist)::value, true, scalar_t>);
+      else launch(seed_mask_kernel<decltype(dist)::value, false, scalar_t>);
+    });
+  });
+  return out;
+}
+
+void seed_score_grad_cuda(at::Tensor& grad_weight, const at::Tensor& scores, bool abs_scores, c10::string_view init,
+                          double scale, int64_t seed, int64_t layer) {
+  const CounterArgs a = check_seed_key(scores, init, scale, seed, layer);
+  check_seed_grad(grad_weight, scores);
+  const int64_t n = grad_weight.numel();
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(scores.device());
+  const at::Tensor s = scores.contiguous();
+  const cudaStream_t cuda_stream = at::cuda::getCurrentCUDAStream();
+  with_dist(a.dist, [&](auto dist) {
+    const auto launch = [&](auto kernel) {
+      kernel<<<static_cast<unsigned>(blocks_for(n)), kThreads, 0, cuda_stream>>>(
+          grad_weight.data_ptr<float>(), s.data_ptr<float>(), n, a.seed, a.layer, a.step);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (abs_scores) launch(seed_grad_kernel<decltype(dist)::value, true>);
+    else launch(seed_grad_kernel<decltype(dist)::value, false>);
+  });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(maskprune, CUDA, m) { m.impl("counter_weights_", &counter_weights_cuda); }
+TORCH_LIBRARY_IMPL(maskprune, CUDA, m) {
+  m.impl("counter_weights_", &counter_weights_cuda);
+  m.impl("seed_apply_mask", &seed_apply_mask_cuda);
+  m.impl("seed_score_grad_", &seed_score_grad_cuda);
+}
 
 }  // namespace maskprune

@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 
 from .. import masks
 from .init import init_weight
-from .layers import MaskedConv2d, MaskedLayer, MaskedLinear, check_masking_args
+from .layers import WEIGHT_MODES, MaskedConv2d, MaskedLayer, MaskedLinear, check_masking_args, to_seed_mode
 from .parametrize import WeightMask, weight_masks
 
 log = logging.getLogger("maskprune")
@@ -68,8 +68,9 @@ class MaskedTensor(NamedTuple):
 class ConvertSummary:
     """What `convert` did, attached to the model as `model.maskprune_summary`.
 
-    `masked`: (name, shape, mechanism) of each masked tensor, mechanism "MaskedLinear", "MaskedConv2d"
-    or "WeightMask" (the parametrization). `left`: (name, shape, reason) of each parameter left unmasked
+    `masked`: (name, shape, mechanism) of each masked tensor, mechanism "MaskedLinear", "MaskedConv2d" (their
+    seed-mode twins "SeedMaskedLinear", "SeedMaskedConv2d" under weights="seed") or "WeightMask" (the
+    parametrization). `left`: (name, shape, reason) of each parameter left unmasked
     (frozen all the same): biases, normalisation gains, non-weight parameters such as a class token,
     and whatever `skip` / `include` excluded.
     """
@@ -189,7 +190,7 @@ def _default_reason(module: nn.Module, attr: str, param: torch.Tensor) -> str | 
 def convert(model: nn.Module, density: float, *, policy: str = "layerwise", weight_init: str | None = None,
             weight_seed: int | str | None = "auto", score_init: str | float = "kaiming_uniform", scale_fan: bool = False,
             abs_scores: bool = True, backend: str = "auto", skip: Iterable[Entry] | Entry = (), include: Iterable[Entry] | Entry | None = None,
-            fused: bool = True, options: dict | None = None, **policy_options) -> nn.Module:
+            fused: bool = True, options: dict | None = None, weights: str = "stored", **policy_options) -> nn.Module:
     """Masks every weight tensor of `model` in place (edge-popup's setting); returns the model.
 
     What is masked, and how (see the module docstring for why):
@@ -216,6 +217,12 @@ def convert(model: nn.Module, density: float, *, policy: str = "layerwise", weig
     "auto" draws weight_seed from torch's RNG (so torch.manual_seed still makes convert reproducible); None
     keeps torch's own draw (the behaviour before tickets; such weights cannot be regenerated from a key).
     WeightMask-parametrized tensors keep torch's draw.
+
+    weights="seed" (needs a weight_init, a weight_seed and a top-k policy, "layerwise" or "global"): the fused
+    layers keep no weight tensor at all; they become SeedMaskedLinear / SeedMaskedConv2d, whose mask and dS
+    passes regenerate W from the layer's key (maskprune.seed_ops), bit for bit the values of the default
+    weights="stored". Training memory drops by the weight bytes; `layer.weight` still reads (regenerated).
+    WeightMask-parametrized tensors keep their stored weight.
 
     policy is a name from maskprune.masks.ALL_POLICIES: "layerwise" (each tensor keeps `density` of its
     weights, edge-popup), "global" (one threshold over all masked tensors), "supermask", "biprop", "signed",
@@ -254,6 +261,17 @@ def convert(model: nn.Module, density: float, *, policy: str = "layerwise", weig
     if policy not in masks.POLICIES:
         raise ValueError(f"policy must be one of {masks.POLICIES}, got {policy!r}")
     masks.check_options(policy, masks.policy_options(policy), policy_options)
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
+    if weights == "seed":
+        from ..seed_ops import SEED_POLICIES  # late: seed_ops imports maskprune.rng, which imports maskprune.nn
+        if weight_init is None or weight_seed is None:
+            raise ValueError("weights='seed' needs weights that can be regenerated: a weight_init (got "
+                             f"{weight_init!r}) and a weight_seed ('auto' or an int, got {weight_seed!r})")
+        if policy not in SEED_POLICIES:
+            raise ValueError(f"weights='seed' runs the policies {SEED_POLICIES}, got policy={policy!r}")
+        if not fused:
+            raise ValueError("weights='seed' needs fused=True (the parametrization keeps a stored weight)")
     if weight_seed != "auto" and weight_seed is not None and (
             isinstance(weight_seed, bool) or not isinstance(weight_seed, int) or not 0 <= weight_seed < 2 ** 64):
         raise ValueError(f"weight_seed must be 'auto', None or an int in [0, 2^64), got {weight_seed!r}")
@@ -340,6 +358,12 @@ def convert(model: nn.Module, density: float, *, policy: str = "layerwise", weig
             weight_seed = int(torch.randint(0, 2 ** 63 - 1, ()))
         from .. import rng  # late: rng reaches back into maskprune.nn for seed_weights
         rng.seed_weights(model, weight_seed)  # overwrites torch's draw in the fused layers; sets layer.weight_key
+        if weights == "seed":
+            for m in maskers:
+                if isinstance(m, (MaskedLinear, MaskedConv2d)):
+                    to_seed_mode(m)
+            masked = [(n, shape, f"Seed{mech}" if mech in ("MaskedLinear", "MaskedConv2d") else mech)
+                      for n, shape, mech in masked]
     for p in model.parameters():
         p.requires_grad_(False)
     for m in maskers:

@@ -137,3 +137,86 @@ class MaskedConv2d(nn.Conv2d, MaskedLayer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._masking_repr()}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Seed mode (issue 18 §3): the frozen weight is not stored; it is regenerated from `weight_key` wherever a pass
+# needs it (maskprune.seed_ops).
+# ---------------------------------------------------------------------------------------------------------
+
+WEIGHT_MODES = ("stored", "seed")
+
+
+class SeedWeight:
+    """What a seed-mode layer adds to MaskedLinear / MaskedConv2d: no `weight` parameter (nothing in state_dict),
+    `weight` as a read-only property that regenerates W from `weight_key` (for to_dense, tickets, inspection:
+    a fresh tensor per read), and a forward through maskprune.seed_ops, whose mask and dS passes regenerate W
+    themselves. Only the top-k policies (seed_ops.SEED_POLICIES) run in seed mode."""
+
+    weight_mode = "seed"
+    weight_key: "object"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_key.generate(tuple(self.scores.shape), device=self.scores.device)
+
+    def _seed_threshold(self) -> torch.Tensor:
+        from ..seed_ops import SEED_POLICIES
+        if self.mask_policy.name not in SEED_POLICIES:
+            raise ValueError(f"mask policy {self.mask_policy.name!r} cannot run on a seed-mode layer (weights='seed'); "
+                             f"accepted policies: {SEED_POLICIES}")
+        return self.mask_policy.threshold(self)
+
+
+class SeedMaskedLinear(SeedWeight, MaskedLinear):
+    """MaskedLinear whose frozen weight is regenerated, not stored (to_seed_mode makes one)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..seed_ops import seed_masked_linear
+        dtype = _autocast_dtype(x)
+        if dtype is not None:
+            x = x.to(dtype)
+        return seed_masked_linear(x, self.scores, self._seed_threshold(), self.weight_key, self.bias,
+                                  abs_scores=self.abs_scores, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weights=seed"
+
+
+class SeedMaskedConv2d(SeedWeight, MaskedConv2d):
+    """MaskedConv2d whose frozen weight is regenerated, not stored (to_seed_mode makes one)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..seed_ops import seed_apply_mask
+        w_eff = seed_apply_mask(self.scores, self._seed_threshold(), self.weight_key, abs_scores=self.abs_scores,
+                                backend=self.backend)
+        return self._conv_forward(x, w_eff, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weights=seed"
+
+
+_SEED_TWINS = {MaskedLinear: SeedMaskedLinear, MaskedConv2d: SeedMaskedConv2d}
+
+
+@torch.no_grad()
+def to_seed_mode(layer: MaskedLayer) -> MaskedLayer:
+    """Turns a MaskedLinear / MaskedConv2d whose weight came from maskprune.rng (it has `weight_key`) into its
+    seed-mode twin in place: the weight parameter is dropped (checked first to equal what the key regenerates)
+    and the class swapped, as torch.nn.utils.parametrize swaps a module's class. Returns the layer."""
+    twin = _SEED_TWINS.get(type(layer))
+    if twin is None:
+        raise TypeError(f"layer must be a MaskedLinear or MaskedConv2d, got {type(layer).__name__}")
+    key = getattr(layer, "weight_key", None)
+    if key is None:
+        raise ValueError("layer has no weight_key: only weights drawn by maskprune.rng (convert(..., weight_init=..., "
+                         "weight_seed=...)) can be regenerated; pretrained weights must stay stored")
+    weight = layer._parameters["weight"]
+    if weight.dtype != torch.float32:
+        raise ValueError(f"layer.weight must be float32 for seed mode (the generator's dtype), got {weight.dtype}")
+    if not torch.equal(key.generate(tuple(weight.shape), device=weight.device).to(weight.dtype), weight):
+        raise ValueError("layer.weight no longer equals what its weight_key regenerates (changed after seeding); "
+                         "it cannot be dropped")
+    del layer._parameters["weight"]
+    layer.__class__ = twin
+    return layer
