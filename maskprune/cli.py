@@ -31,6 +31,8 @@ HELP = {
     "policy_options": "the policy's options as key=value,... (the --<policy>-<option> flags add to them)",
     "weight_init": "frozen random weights: " + ", ".join(CHOICES["weight_init"]),
     "generator": "draws the frozen weights: philox (maskprune.rng, keyed by --seed; exportable as a ticket) or torch",
+    "weights": "stored (the frozen weights kept in memory) or seed (regenerated from their key inside every pass: "
+               "no weight memory, bit-for-bit the same run; top-k policies)",
     "score_init": "initial scores: " + ", ".join(CHOICES["score_init"]),
     "scale_fan": "weight std as if the fan-in were density * fan-in",
     "width": "multiplies every hidden width", "widths": "hidden widths of the mlp model, e.g. 1000,1000",

@@ -55,7 +55,7 @@ import torch.nn as nn
 
 from . import masks, models, ops, rng
 from .nn import convert, masked_layers
-from .nn.layers import MaskedConv2d, MaskedLinear
+from .nn.layers import MaskedConv2d, MaskedLinear, to_seed_mode
 
 __all__ = ["TicketError", "save_ticket", "load_ticket", "ticket_info", "export_run", "evaluate_ticket", "MAGIC", "VERSION", "pack_mask",
            "unpack_mask", "weight_sha256"]
@@ -432,8 +432,11 @@ def _base_weight(path, name: str, base_model: nn.Module | None, layer: nn.Module
 
 @torch.no_grad()
 def load_ticket(path: str | os.PathLike, model: nn.Module | None = None, *, base_model: nn.Module | None = None,
-                backend: str = "auto") -> nn.Module:
+                backend: str = "auto", weights: str = "stored") -> nn.Module:
     """The ticket's masked network, in eval mode, its forward equal to the saved one bit for bit on CPU.
+
+    weights="seed" loads the layers whose weights have a generator key in seed mode (maskprune.nn.to_seed_mode:
+    no weight tensor; W regenerated inside each pass; tickets hold the top-k policies, which seed mode runs).
 
     A registry ticket rebuilds its model (maskprune.models); a user-model ticket loads into `model`,
     the caller's freshly constructed network (plain or converted; converted here if plain), which
@@ -448,14 +451,21 @@ def load_ticket(path: str | os.PathLike, model: nn.Module | None = None, *, base
         if value is not None and not isinstance(value, nn.Module):
             raise TypeError(f"{arg} must be a torch.nn.Module or None, got {type(value).__name__}")
     ops.check_backend_name(backend)
+    if weights not in ("stored", "seed"):
+        raise ValueError(f"weights must be one of ('stored', 'seed'), got {weights!r}")
     header, payload = _read(path)
     try:
         with torch.random.fork_rng(devices=[]):  # convert draws scores: leave the caller's RNG stream alone
-            return _load(path, header, payload, model, base_model, backend)
+            loaded = _load(path, header, payload, model, base_model, backend)
     except TicketError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:  # a header of the right hash
         raise TicketError(path, f"has a malformed header ({type(err).__name__}: {err})") from None
+    if weights == "seed":
+        for _, layer in masked_layers(loaded):
+            if getattr(layer, "weight_key", None) is not None:
+                to_seed_mode(layer)
+    return loaded
 
 
 def _load(path, header: dict, payload: memoryview, model, base_model, backend) -> nn.Module:

@@ -26,7 +26,8 @@ import maskprune
 from . import data as datasets
 from . import masks, models, ops
 from .masks import POLICIES
-from .nn import SCORE_INITS, WEIGHT_INITS, convert, mask_stats
+from .nn import SCORE_INITS, WEIGHT_INITS, WEIGHT_MODES, convert, mask_stats
+from .seed_ops import SEED_POLICIES
 from .runfiles import (RunFileError, _short, check_fits, load_model_state, load_training_state, read_metrics,
                        read_toml)
 from .runfiles import read_checkpoint as _read_checkpoint
@@ -81,6 +82,7 @@ class TrainConfig:
     policy_options: str = ""             # the policy's options, "key=value,..." (e.g. "period=300,prob=0.1")
     weight_init: str = "signed_constant"
     generator: str = "philox"            # frozen weights: "philox" (maskprune.rng keyed by seed; tickets) or "torch"
+    weights: str = "stored"              # "stored", or "seed": regenerated from the key in every pass, never stored
     score_init: str = "kaiming_uniform"
     scale_fan: bool = True               # weight std as if fan_in were density * fan_in (edge-popup's scaled init)
     width: float = 1.0                   # multiplies every hidden width
@@ -104,7 +106,8 @@ class TrainConfig:
 
 
 CHOICES = {"mode": ("mask", "dense"), "policy": POLICIES, "weight_init": WEIGHT_INITS,
-           "score_init": SCORE_INITS, "optimizer": ("sgd", "adam"), "generator": ("philox", "torch")}
+           "score_init": SCORE_INITS, "optimizer": ("sgd", "adam"), "generator": ("philox", "torch"),
+           "weights": WEIGHT_MODES}
 # Settings a resumed run may change: where and how it computes, not what it computes.
 RESUMABLE = ("device", "backend", "threads", "data_root")
 
@@ -151,6 +154,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("policy_options", str(err)) from None
     if options and cfg.mode == "dense":
         raise ConfigError("policy_options", "apply to --mode mask only")
+    if cfg.weights == "seed":
+        if cfg.mode != "mask" or cfg.generator != "philox":
+            raise ConfigError("weights", "seed needs --mode mask and --generator philox (weights regenerated from "
+                                         f"their key), got --mode {cfg.mode} --generator {cfg.generator}")
+        if cfg.policy not in SEED_POLICIES:
+            raise ConfigError("weights", f"seed runs the policies {', '.join(SEED_POLICIES)}, got --policy {cfg.policy}")
     if cfg.widths and cfg.model != "mlp":
         raise ConfigError("widths", f"applies to --model mlp only, got --model {cfg.model}")
     if cfg.widths:
@@ -233,7 +242,8 @@ def build_model(cfg: TrainConfig, num_classes: int, in_shape: tuple) -> nn.Modul
     if cfg.mode == "mask":
         convert(model, cfg.density, policy=cfg.policy, weight_init=cfg.weight_init, score_init=cfg.score_init,
                 scale_fan=cfg.scale_fan, backend=cfg.backend,
-                weight_seed=cfg.seed if cfg.generator == "philox" else None, options=policy_options(cfg))
+                weight_seed=cfg.seed if cfg.generator == "philox" else None, options=policy_options(cfg),
+                weights=cfg.weights)
     return model
 
 

@@ -293,3 +293,73 @@ def test_seed_layer_refuses_a_policy_it_cannot_run():
     layer.mask_policy = maskprune.masks.make_policy("supermask", [layer], 0.5)
     with pytest.raises(ValueError, match="mask policy 'supermask' cannot run on a seed-mode layer"):
         layer(torch.randn(2, layer.in_features))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The trainer, the CLI and tickets
+# ---------------------------------------------------------------------------------------------------------
+
+TINY = dict(model="lenet300", dataset="mnist", epochs=2, batch_size=64, limit_train=512, device="cpu", threads=1,
+            density=0.3)
+
+
+@pytest.mark.parametrize("policy", ["layerwise", "global"])
+def test_train_seed_equals_stored_and_resumes(tmp_path, monkeypatch, policy):
+    import maskprune.train as trainer
+    from maskprune.train import TrainConfig, train
+
+    stored = train(TrainConfig(**TINY, policy=policy), tmp_path / "stored", quiet=True)
+    cfg = TrainConfig(**TINY, policy=policy, weights="seed")
+    seeded = train(cfg, tmp_path / "seed", quiet=True)
+    for key in ("test_acc_last", "test_acc_best", "val_acc_best", "final_train_loss"):
+        if key in stored:
+            assert stored[key] == seeded[key], key
+    last = torch.load(tmp_path / "seed" / "last.pt", weights_only=True)
+    assert not any(k.endswith(".weight") for k in last["model"]) and last["config"]["weights"] == "seed"
+    ref = torch.load(tmp_path / "stored" / "last.pt", weights_only=True)
+    assert all(torch.equal(v, ref["model"][k]) for k, v in last["model"].items())
+
+    class Stop(Exception):
+        pass
+
+    real_save = trainer.save_atomic
+
+    def stop_after_first_last_pt(obj, path):
+        real_save(obj, path)
+        if path.name == "last.pt":
+            raise Stop
+
+    monkeypatch.setattr(trainer, "save_atomic", stop_after_first_last_pt)
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "cut", quiet=True)
+    monkeypatch.setattr(trainer, "save_atomic", real_save)
+    resumed = train(cfg, tmp_path / "cut", resume=str(tmp_path / "cut" / "last.pt"), quiet=True)
+    assert resumed["test_acc_last"] == seeded["test_acc_last"]
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--weights", "lazy"], r"--weights: must be one of stored, seed, got 'lazy'"),
+    (["--weights", "seed", "--generator", "torch"], "--weights: seed needs --mode mask and --generator philox"),
+    (["--weights", "seed", "--mode", "dense"], "--weights: seed needs --mode mask"),
+    (["--weights", "seed", "--policy", "supermask"], "--weights: seed runs the policies layerwise, global"),
+])
+def test_cli_refuses_bad_weights_flags(tmp_path, capsys, flags, match):
+    from cli_helpers import run_cli
+
+    code, _, err = run_cli(["train", "--epochs", "1", "--limit-train", "64", "--out", str(tmp_path / "r"), *flags],
+                           capsys)
+    assert code == 2 and __import__("re").search(match, err), err
+    assert not (tmp_path / "r").exists()
+
+
+def test_load_ticket_in_seed_mode(tmp_path):
+    model = _model("conv4", "stored")
+    maskprune.save_ticket(model, tmp_path / "t.ticket")
+    stored = maskprune.load_ticket(tmp_path / "t.ticket")
+    seeded = maskprune.load_ticket(tmp_path / "t.ticket", weights="seed")
+    assert all(isinstance(l, (mnn.SeedMaskedLinear, mnn.SeedMaskedConv2d)) for _, l in mnn.masked_layers(seeded))
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(stored(x), seeded(x))
+    with pytest.raises(ValueError, match=r"weights must be one of \('stored', 'seed'\), got 'none'"):
+        maskprune.load_ticket(tmp_path / "t.ticket", weights="none")

@@ -158,6 +158,8 @@ class SeedWeight:
 
     @property
     def weight(self) -> torch.Tensor:
+        if self.scores.is_meta:  # shape checks on the meta device (runfiles.check_fits): no values
+            return torch.empty(self.scores.shape, device="meta")
         return self.weight_key.generate(tuple(self.scores.shape), device=self.scores.device)
 
     def _seed_threshold(self) -> torch.Tensor:
@@ -214,7 +216,7 @@ def to_seed_mode(layer: MaskedLayer) -> MaskedLayer:
     weight = layer._parameters["weight"]
     if weight.dtype != torch.float32:
         raise ValueError(f"layer.weight must be float32 for seed mode (the generator's dtype), got {weight.dtype}")
-    if not torch.equal(key.generate(tuple(weight.shape), device=weight.device).to(weight.dtype), weight):
+    if not weight.is_meta and not torch.equal(key.generate(tuple(weight.shape), device=weight.device), weight):
         raise ValueError("layer.weight no longer equals what its weight_key regenerates (changed after seeding); "
                          "it cannot be dropped")
     del layer._parameters["weight"]
