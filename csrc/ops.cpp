@@ -74,6 +74,11 @@ TORCH_LIBRARY(maskprune, m) {
   m.def(
       "seed_score_grad_(Tensor(a!) grad_weight, Tensor scores, bool abs_scores, str init, float scale, int seed, "
       "int layer) -> ()");
+  // dS of a seed-mode linear layer from grad_out: the weight-gradient GEMM X-side (dYᵀ X, in x's dtype; on CPU into
+  // the buffer cache, as masked_linear_backward's), then seed_score_grad_ over it. float32 result.
+  m.def(
+      "seed_linear_score_grad(Tensor grad_out, Tensor x, Tensor scores, bool abs_scores, str init, float scale, "
+      "int seed, int layer) -> Tensor");
   // t: the n_keep-th largest key (|S|, or S when abs_scores=False), n_keep = clamp(floor(density*n + 1/2), 1, n).
   // `hint`, a previous t of these scores, may speed the selection up; the result never depends on it.
   m.def("threshold(Tensor scores, float density, bool abs_scores, Tensor? hint=None) -> Tensor");

@@ -31,7 +31,7 @@ SEED_POLICIES = ("layerwise", "global")
 
 def _cpp_has_seed_ops() -> bool:
     """Whether maskprune._C was built with the seed-mode ops (an older build lacks them)."""
-    return ops.HAS_CPP and hasattr(torch.ops.maskprune, "seed_apply_mask")
+    return ops.HAS_CPP and hasattr(torch.ops.maskprune, "seed_linear_score_grad")
 
 
 if _cpp_has_seed_ops():
@@ -42,6 +42,10 @@ if _cpp_has_seed_ops():
     @torch.library.register_fake("maskprune::seed_score_grad_")
     def _(grad_weight, scores, abs_scores, init, scale, seed, layer):
         return None
+
+    @torch.library.register_fake("maskprune::seed_linear_score_grad")
+    def _(grad_out, x, scores, abs_scores, init, scale, seed, layer):
+        return scores.new_empty(scores.shape, dtype=torch.float32)
 
 
 def _check_key(key) -> rng.WeightKey:
@@ -197,7 +201,11 @@ class _SeedMaskedLinear(torch.autograd.Function):
         g = grad.to(x.dtype)
         grad_x = torch.matmul(g, w_eff) if need_x else None
         grad_scores = None
-        if need_scores:
+        if need_scores and ctx.backend == "cpp":  # one op: the weight-gradient GEMM into the CPU buffer cache, dS
+            key = ctx.key
+            grad_scores = torch.ops.maskprune.seed_linear_score_grad(g, x, scores.detach(), ctx.abs_scores, key.init,
+                                                                    key.scale, key.seed, key.layer)
+        elif need_scores:
             out_features, in_features = w_eff.shape
             grad_weight = g.reshape(-1, out_features).t().mm(x.reshape(-1, in_features))  # a fresh buffer
             grad_scores = _grad_pass_(_grad_in_place(grad_weight), scores.detach().contiguous(), ctx.key,

@@ -14,6 +14,10 @@ step, the policy's step hooks) over the dense step of the same MLP, measured in 
 rounds (median over rounds). supermask is measured twice: as it runs, and with its uniform draw u made before the
 timed step (the draw alone is then the difference). `--profile` prints, per policy, where the step's time goes
 (torch.profiler, self CPU time per op).
+First, seed mode (issue 18 §3, `--only-seed` for these rows alone): the --widths MLP's training step dense, masked
+over stored weights, and masked in seed mode (W regenerated inside the mask and dS passes), in interleaved rounds;
+and each variant's peak memory, as the peak RSS of a fresh subprocess over building it and a few steps, above what
+that process held before (so no variant's allocator cache counts for another), with its state_dict size.
 Writes results/bench_cpu/results.json.
 """
 from __future__ import annotations
@@ -217,6 +221,88 @@ def policy_rows(widths, batch, density, rounds, steps, profile=False):
     return rows
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Seed mode (issue 18 §3): frozen weights regenerated inside the passes against stored weights and dense
+# ----------------------------------------------------------------------------------------------------------
+
+DEFAULT_OUT = "results/bench_cpu/results.json"
+SEED_VARIANTS = ("dense", "mask (stored W)", "mask (seed mode)")
+
+
+def seed_variant(name: str, widths, density: float) -> nn.Module:
+    """One of SEED_VARIANTS: the MLP dense, or masked over signed-constant weights kept or regenerated."""
+    torch.manual_seed(0)
+    model = mlp(widths, lambda a, b: nn.Linear(a, b, bias=False))
+    if name == "dense":
+        return model
+    return maskprune.convert(model, density, weight_init="signed_constant", scale_fan=True, weight_seed=0,
+                             weights="seed" if "seed" in name else "stored")
+
+
+def seed_memory_child(name: str, widths, batch: int, density: float, steps: int) -> dict:
+    """Peak RSS of this (fresh) process over `steps` training steps of the variant, above what it held before the
+    variant was built (so the model's live memory counts, its construction's transients do not): run in a
+    subprocess per variant, so that no other variant's memory or allocator cache counts. Linux (/proc)."""
+    def status_kb(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise RuntimeError(f"/proc/self/status has no {field} (the memory rows need Linux)")
+
+    def release_freed() -> None:  # hand freed heap back to the OS, so that RSS is what is live
+        import ctypes
+        import gc
+
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(batch, widths[0]), torch.randint(0, widths[-1], (batch,))
+    release_freed()
+    before = status_kb("VmRSS")
+    model = seed_variant(name, widths, density)
+    release_freed()  # convert's transient copies (the plain layer's weight; in seed mode the dropped W) go
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+    step = make_step(model, x, y)
+    for _ in range(steps):
+        step()
+    peak = status_kb("VmHWM")
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return {"variant": name, "peak_rss_above_start_mb": (peak - before) / 1024, "state_dict_mb": state / 2 ** 20}
+
+
+def seed_rows(widths, batch: int, density: float, rounds: int, steps: int, threads: int) -> dict:
+    """Step time (interleaved rounds, medians, ratios to dense) and peak memory (a subprocess per variant)."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    x, y = torch.randn(batch, widths[0]), torch.randint(0, widths[-1], (batch,))
+    run = {name: make_step(seed_variant(name, widths, density), x, y) for name in SEED_VARIANTS}
+    for step in run.values():  # warm-up
+        step()
+    times = {name: [] for name in SEED_VARIANTS}
+    for _ in range(rounds):
+        for name, step in run.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times[name].append((time.perf_counter() - t0) / steps)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    memory = []
+    for name in SEED_VARIANTS:
+        out = subprocess.run([sys.executable, __file__, "--seed-memory-child", name, "--widths", ",".join(map(str, widths)),
+                              "--batch", str(batch), "--density", str(density), "--threads", str(threads)],
+                             check=True, capture_output=True, text=True).stdout
+        memory.append(json.loads(out.strip().splitlines()[-1]))
+    rows = []
+    for name, mem in zip(SEED_VARIANTS, memory):
+        rows.append({"variant": name, "median_ms": 1e3 * medians[name], "ratio_to_dense": medians[name] / medians["dense"],
+                     "ratio_to_stored": medians[name] / medians["mask (stored W)"], **mem})
+    w_mb = sum(a * b for a, b in zip(widths[:-1], widths[1:])) * 4 / 2 ** 20
+    return {"widths": widths, "batch": batch, "density": density, "weight_mb": w_mb, "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", default="784,2048,2048,10")
@@ -230,13 +316,36 @@ def main() -> None:
     parser.add_argument("--policy-rounds", type=int, default=0, help="rounds of the policy rows (0: --rounds)")
     parser.add_argument("--only-policies", action="store_true", help="only the per-policy rows")
     parser.add_argument("--profile", action="store_true", help="print a per-op profile of every policy's step")
-    parser.add_argument("--out", default="results/bench_cpu/results.json")
+    parser.add_argument("--only-seed", action="store_true", help="only the seed-mode rows (seed vs stored W vs dense)")
+    parser.add_argument("--seed-memory-child", choices=SEED_VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args()
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     widths = [int(w) for w in args.widths.split(",")]
+    if args.seed_memory_child:
+        print(json.dumps(seed_memory_child(args.seed_memory_child, widths, args.batch, args.density, args.steps + 2)))
+        return
+    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "maskprune": maskprune.__version__,
+               "backend": maskprune.ops.available_backends("cpu")[0]}
+    seed = None if args.only_policies else seed_rows(widths, args.batch, args.density, args.rounds, args.steps,
+                                                     args.threads)
+    if seed is not None:
+        print(f"seed mode, {args.widths} MLP, batch {args.batch}, W = {seed['weight_mb']:.1f} MB, "
+              f"{torch.get_num_threads()} thread(s):")
+        print(f"{'variant':20s} {'median ms':>10s} {'x dense':>8s} {'x stored':>9s} {'peak RSS MB':>12s} "
+              f"{'state MB':>9s}")
+        for r in seed["rows"]:
+            print(f"{r['variant']:20s} {r['median_ms']:10.2f} {r['ratio_to_dense']:8.2f} {r['ratio_to_stored']:9.2f} "
+                  f"{r['peak_rss_above_start_mb']:12.1f} {r['state_dict_mb']:9.1f}")
+    if args.only_seed:  # into seed_mode.json unless --out says otherwise: results.json holds the full run
+        out = Path(args.out if args.out != DEFAULT_OUT else Path(DEFAULT_OUT).with_name("seed_mode.json"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"config": vars(args), "seed_mode": seed, "machine": machine}, indent=2))
+        return
     pwidths = [int(w) for w in args.policy_widths.split(",")]
     prows = policy_rows(pwidths, args.policy_batch, args.density, args.policy_rounds or args.rounds, args.steps,
                         args.profile)
@@ -244,9 +353,6 @@ def main() -> None:
     print(f"{'policy':48s} {'median ms':>10s} {'dense ms':>9s} {'x dense':>8s}")
     for r in prows:
         print(f"{r['policy']:48s} {r['median_ms']:10.2f} {r['dense_ms']:9.2f} {r['ratio_to_dense']:8.2f}")
-    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "maskprune": maskprune.__version__,
-               "backend": maskprune.ops.available_backends("cpu")[0]}
     if args.only_policies:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"config": vars(args), "policy_rows": prows, "machine": machine},
@@ -286,7 +392,7 @@ def main() -> None:
     for name, ms in passes.items():
         print(f"  {name:78s} {ms:8.2f}")
     result = {"config": vars(args), "rows": rows, "speedup_vs_sort": speedup, "extra_passes_ms": passes,
-              "policy_rows": prows, "machine": machine}
+              "policy_rows": prows, "seed_mode": seed, "machine": machine}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
 

@@ -32,6 +32,22 @@ def test_bench_cpu_tiny_run_writes_json(tmp_path):
     assert any(name.startswith("threshold + mask in one pass") for name in passes)
     assert any(name.startswith("threshold + mask + sign bytes") for name in passes)
     assert any(name.startswith("fused dS pass from the sign bytes") for name in passes)
+    seed = result["seed_mode"]
+    assert [r["variant"] for r in seed["rows"]] == ["dense", "mask (stored W)", "mask (seed mode)"]
+    assert all(r["median_ms"] > 0 and r["peak_rss_above_start_mb"] >= 0 for r in seed["rows"])
+    stored, seeded = seed["rows"][1], seed["rows"][2]
+    assert seeded["state_dict_mb"] * 2 == stored["state_dict_mb"]  # no W in the seed-mode state
+    assert "mask (seed mode)" in proc.stdout
+
+
+def test_bench_cpu_only_seed_writes_its_own_json(tmp_path):
+    out = tmp_path / "seed.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_cpu.py"), "--only-seed", "--widths", "16,32,4",
+                           "--batch", "8", "--rounds", "2", "--steps", "1", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert set(result) == {"config", "seed_mode", "machine"} and len(result["seed_mode"]["rows"]) == 3
 
 
 def test_bench_epoch_tiny_run_writes_json(tmp_path):

@@ -363,3 +363,12 @@ def test_load_ticket_in_seed_mode(tmp_path):
         assert torch.equal(stored(x), seeded(x))
     with pytest.raises(ValueError, match=r"weights must be one of \('stored', 'seed'\), got 'none'"):
         maskprune.load_ticket(tmp_path / "t.ticket", weights="none")
+
+
+@pytest.mark.skipif(not seed_ops._cpp_has_seed_ops(), reason="maskprune._C is not built with the seed-mode ops")
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_seed_linear_score_grad(x_dtype):
+    x = torch.randn(2, 3, 11, dtype=x_dtype)
+    torch.library.opcheck(torch.ops.maskprune.seed_linear_score_grad.default,
+                          (torch.randn(2, 3, 9, dtype=x_dtype), x, torch.randn(9, 11), True, "signed_constant", 0.5,
+                           3, 1))

@@ -20,6 +20,7 @@
 
 #include "../philox.h"
 #include "../rng_args.h"
+#include "buffer_pool.h"
 
 namespace maskprune {
 namespace {
@@ -293,7 +294,7 @@ at::Tensor seed_apply_mask_cpu(const at::Tensor& scores, const at::Tensor& t, bo
   const auto out_dtype = dtype.value_or(at::kFloat);
   TORCH_CHECK_TYPE(at::isFloatingType(out_dtype), "dtype must be a floating dtype, got ", out_dtype);
   const at::Tensor s = scores.contiguous();
-  at::Tensor out = at::empty(s.sizes(), s.options().dtype(out_dtype));
+  at::Tensor out = pooled_empty(s.sizes(), s.options().dtype(out_dtype));  // the cache apply_mask's W ⊙ M uses
   if (s.numel() == 0) return out;
   const float thr = t.item<float>();
   const float* sp = s.data_ptr<float>();
