@@ -56,7 +56,7 @@ def _seed_score_grad_kernel(g_ptr, s_ptr, n, seed, layer, step, DIST: tl.constex
     tl.store(g_ptr + offs, v, mask=in_range)
 
 
-def _key_args(key) -> tuple[int, int, int, float]:
+def key_args(key) -> tuple[int, int, int, float]:
     """(DIST, seed, layer bits, step) of a maskprune.rng.WeightKey."""
     if key.init not in DISTRIBUTIONS:
         raise ValueError(f"key.init must be one of {DISTRIBUTIONS}, got {key.init!r}")
@@ -71,7 +71,7 @@ def seed_apply_mask(scores: torch.Tensor, t: torch.Tensor, key, abs_scores: bool
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be one of {FLOAT_DTYPES}, got {out_dtype!r}")
     device = check_devices(scores=scores, t=t)
-    dist, seed, layer, step = _key_args(key)
+    dist, seed, layer, step = key_args(key)
     scores = scores.contiguous()
     n = scores.numel()
     # float16/bfloat16 through float32 and torch's cast (round to nearest even), as maskprune.triton_rng does:
@@ -94,7 +94,7 @@ def seed_score_grad_(grad: torch.Tensor, scores: torch.Tensor, key, abs_scores: 
     if not grad.is_contiguous():
         raise ValueError("grad must be contiguous to take dS in place")
     device = check_devices(grad=grad, scores=scores)
-    dist, seed, layer, step = _key_args(key)
+    dist, seed, layer, step = key_args(key)
     scores = scores.contiguous()
     n = grad.numel()
     if n:

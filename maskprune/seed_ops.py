@@ -6,11 +6,16 @@ been read, and the dS pass dS = sign(S) ⊙ W ⊙ ∂L/∂W_eff regenerates it a
 layer is then the scores, their gradient and the W_eff the GEMM needs for dX (the stored-weight mode keeps
 W as well), and every value equals the stored-weight mode's bit for bit (the same float32 products).
 
-Backends, as for the other ops: "cpp" (maskprune._C: seed_apply_mask / seed_score_grad_ on CPU, where W is
-regenerated 256 weights at a time into an L1 buffer by the AVX2 Philox, and on CUDA in registers), "triton"
-(maskprune.kernels.seed_mask: tl.philox inside the elementwise passes; CUDA tensors, or CPU tensors under
-TRITON_INTERPRET=1) and "torch" (the reference: W from maskprune.rng's integer-op generator, then the
-reference mask rule). "auto" picks cpp where it runs on the device, else triton on CUDA, else torch.
+Backends, as for the other ops: "cpp" (maskprune._C: seed_apply_mask, seed_score_grad_ and seed_linear_score_grad;
+on CPU W is regenerated 256 weights at a time into an L1 buffer by the AVX2 Philox, on CUDA in registers), "triton"
+(maskprune.kernels: tl.philox in the elementwise mask and dS passes, and for a linear layer's dS in the epilogue of
+the dYᵀX GEMM, one Philox per weight; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) and "torch" (the
+reference: W from maskprune.rng's integer-op generator, then the reference mask rule). "auto" picks cpp where it
+runs on the device, else triton on CUDA, else torch.
+
+Forward and dX read W_eff, which the GEMMs need anyway (as in the stored mode, docs/design.md §3); regenerating W
+inside the forward GEMM's tile loads instead would run Philox once per weight per row block of X (ceil(M /
+BLOCK_M) times) and save no memory, because dX needs W_eff too.
 """
 from __future__ import annotations
 
@@ -205,6 +210,12 @@ class _SeedMaskedLinear(torch.autograd.Function):
             key = ctx.key
             grad_scores = torch.ops.maskprune.seed_linear_score_grad(g, x, scores.detach(), ctx.abs_scores, key.init,
                                                                     key.scale, key.seed, key.layer)
+        elif need_scores and ctx.backend == "triton":  # one GEMM whose epilogue regenerates W
+            from .kernels import masked_matmul
+            out_features, in_features = w_eff.shape
+            grad_scores = masked_matmul.seed_linear_grad_scores(g.reshape(-1, out_features),
+                                                                x.reshape(-1, in_features), scores.detach(),
+                                                                ctx.key, ctx.abs_scores)
         elif need_scores:
             out_features, in_features = w_eff.shape
             grad_weight = g.reshape(-1, out_features).t().mm(x.reshape(-1, in_features))  # a fresh buffer

@@ -135,19 +135,30 @@ def triton_cases() -> list:
                           dict(HAS_BIAS=pass_name == "forward", INPUT_PRECISION=precision, UPCAST=False,
                                ACC_DTYPE=tl.float32),
                           mm.gemm_configs(interpret=False), role, ones, {"M_BUCKET"}))
-    for name, (act, weight, precision) in {"bf16 x, bf16 W": ("*bf16", "*bf16", "ieee"),
-                                           "bf16 x, fp32 W": ("*bf16", "*fp32", "ieee"),
-                                           "fp32-tf32": ("*fp32", "*fp32", "tf32")}.items():
+    key_args = dict(seed="i64", layer="i32", step="fp32")  # seed mode's key (unused with SEED_DIST=-1)
+    for name, (act, weight, precision, seed_dist) in {
+            "bf16 x, bf16 W": ("*bf16", "*bf16", "ieee", -1), "bf16 x, fp32 W": ("*bf16", "*fp32", "ieee", -1),
+            "fp32-tf32": ("*fp32", "*fp32", "tf32", -1),
+            "bf16 x, seed W (signed_constant)": ("*bf16", "*fp32", "ieee", 0),
+            "fp32-tf32 x, seed W (signed_constant)": ("*fp32", "*fp32", "tf32", 0),
+            "bf16 x, seed W (kaiming_uniform)": ("*bf16", "*fp32", "ieee", 1)}.items():
+        configs = (mm.grad_scores_configs if seed_dist < 0 else mm.seed_grad_scores_configs)(interpret=False)
         for partial in (False, True):
+            if partial and seed_dist >= 0:
+                continue  # the split path's GEMM never reaches the epilogue: the stored-W rows cover it
             cases.append(("grad_scores (dS)" + (" split-M" if partial else ""), name, mm, "_grad_scores_kernel",
-                          dict(g_ptr=act, x_ptr=act, w_ptr=weight, s_ptr="*fp32", ds_ptr="*fp32", part_ptr="*fp32"),
+                          dict(g_ptr=act, x_ptr=act, w_ptr=weight, s_ptr="*fp32", ds_ptr="*fp32", part_ptr="*fp32",
+                               **key_args),
                           dict(ABS_SCORES=True, PARTIAL=partial, INPUT_PRECISION=precision, UPCAST=False,
-                               ACC_DTYPE=tl.float32),
-                          mm.grad_scores_configs(interpret=False), "gemm", _DS_ONES, {"M_BUCKET", "SPLIT_M"}))
-    cases.append(("grad_scores reduce", "fp32", mm, "_grad_scores_reduce_kernel",
-                  dict(part_ptr="*fp32", w_ptr="*bf16", s_ptr="*fp32", ds_ptr="*fp32"),
-                  dict(ABS_SCORES=True, ACC_DTYPE=tl.float32, BLOCK=1024), [{"num_warps": 4}], "other",
-                  dict(stride_wk=1, stride_sk=1, stride_dsk=1), {"SPLIT_M"}))
+                               ACC_DTYPE=tl.float32, SEED_DIST=seed_dist),
+                          configs, "gemm", _DS_ONES, {"M_BUCKET", "SPLIT_M", "seed", "layer", "step"}))
+    for name, seed_dist in (("fp32", -1), ("fp32, seed W (signed_constant)", 0),
+                            ("fp32, seed W (kaiming_normal)", 2)):
+        cases.append(("grad_scores reduce", name, mm, "_grad_scores_reduce_kernel",
+                      dict(part_ptr="*fp32", w_ptr="*bf16", s_ptr="*fp32", ds_ptr="*fp32", **key_args),
+                      dict(ABS_SCORES=True, ACC_DTYPE=tl.float32, SEED_DIST=seed_dist, BLOCK=1024),
+                      [{"num_warps": 4}], "other", dict(stride_wk=1, stride_sk=1, stride_dsk=1),
+                      {"SPLIT_M", "seed", "layer", "step"}))
     cases.append(("apply_mask (prepass)", "fp32 W -> bf16", ew, "_apply_mask_kernel",
                   dict(w_ptr="*fp32", s_ptr="*fp32", t_ptr="*fp32", out_ptr="*bf16"),
                   dict(ABS_SCORES=True, BLOCK=ew.BLOCK), [{"num_warps": 4}], "other", {}, set()))

@@ -1138,6 +1138,10 @@ def opcheck_samples():
          {"signs": torch.ops.maskprune.threshold_and_mask_signs(w, s, 0.5, True)[2]}),
         ("counter_weights_", (r(5, 7), "kaiming_uniform", 0.1, 3, 1), {"stream": 2, "offset": 5}),  # rng (more: test_rng_backends)
         ("supermask_philox_mask", (w, torch.sigmoid(s), 3, 1, 2), {}),
+        # seed mode (more: tests/test_seed_mode.py)
+        ("seed_apply_mask", (r(5, 7), t, True, "signed_constant", 0.5, 3, 1), {"dtype": torch.bfloat16}),
+        ("seed_score_grad_", (r(5, 7), r(5, 7), False, "kaiming_uniform", 0.5, 3, 1), {}),
+        ("seed_linear_score_grad", (r(3, 5), x, r(5, 7), True, "kaiming_normal", 0.5, 2 ** 40, 2), {}),
     ]
 
 

@@ -372,3 +372,30 @@ def test_opcheck_seed_linear_score_grad(x_dtype):
     torch.library.opcheck(torch.ops.maskprune.seed_linear_score_grad.default,
                           (torch.randn(2, 3, 9, dtype=x_dtype), x, torch.randn(9, 11), True, "signed_constant", 0.5,
                            3, 1))
+
+
+@pytest.mark.skipif(not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available())
+                    or "triton" not in ops.BACKENDS,
+                    reason="needs Triton: a CUDA GPU, or TRITON_INTERPRET=1 (tests/conftest.py sets it without one)")
+@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("split_m", [1, 3])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("abs_scores", [True, False])
+def test_triton_dS_gemm_regenerates_w_in_its_epilogue(init, split_m, x_dtype, abs_scores):
+    """The dYᵀX GEMM with W regenerated in the epilogue equals the same GEMM reading the stored W, bit for bit
+    (same accumulation; W the same float32 values), on odd shapes, with and without the split-M reduction."""
+    from maskprune.kernels import masked_matmul as mm
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(split_m)
+    key = _key(init, layer=5)
+    n, k, m = 37, 53, 70
+    scores = torch.randn(n, k, device=device)
+    g, x = torch.randn(m, n, device=device, dtype=x_dtype), torch.randn(m, k, device=device, dtype=x_dtype)
+    weight = key.generate((n, k), device=device)
+    want = mm.masked_linear_grad_scores(g, x, weight, scores, abs_scores, split_m=split_m)
+    got = mm.seed_linear_grad_scores(g, x, scores, key, abs_scores, split_m=split_m)
+    if init == "kaiming_normal" and device == "cuda":
+        torch.testing.assert_close(got, want, rtol=2 ** -22, atol=0)
+    else:
+        assert torch.equal(got, want)
