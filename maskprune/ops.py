@@ -576,11 +576,25 @@ def _check_policy_args(weight, scores, t, mode: str, u) -> torch.Tensor:
     return _check_mask_args(weight, scores, t)
 
 
+def _policy_triton(device: torch.device, backend: str) -> bool:
+    """Whether the policy ops run the Triton kernels (maskprune.kernels.policy): backend "triton", or "auto" on
+    CUDA, where the Triton backend is available for the device."""
+    if "triton" not in BACKENDS or not BACKENDS["triton"].is_available(device):
+        return False
+    return backend == "triton" or (backend == "auto" and device.type == "cuda")
+
+
 def policy_fused(device: torch.device | str, backend: str = "auto") -> bool:
-    """Whether policy_apply_mask / policy_masked_linear run the fused C++ passes for tensors on `device` with
-    `backend` (the CPU kernels of maskprune._C); elsewhere they run the torch reference (maskprune.reference):
-    there are no CUDA or Triton kernels for these modes yet."""
+    """Whether policy_apply_mask / policy_masked_linear run a fused kernel for tensors on `device` with `backend`:
+    the C++ CPU passes of maskprune._C, or the Triton passes (CUDA; CPU under TRITON_INTERPRET=1 with
+    backend="triton"). Elsewhere (backend "torch", CUDA without Triton) they run the torch reference."""
     device = torch.device(device)
+    check_backend_name(backend)
+    return _policy_triton(device, backend) or _policy_cpp(device, backend)
+
+
+def _policy_cpp(device: torch.device, backend: str) -> bool:
+    """Whether the policy ops run the C++ CPU passes (maskprune._C) for this device and backend."""
     return device.type == "cpu" and "cpp" in BACKENDS and resolve_backend(backend, device).name == "cpp"
 
 
@@ -588,10 +602,14 @@ def policy_apply_mask(weight: torch.Tensor, scores: torch.Tensor, t: torch.Tenso
                       u: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """W_eff of a policy's `mode` (POLICY_MODES) with its straight-through dS; no gradient to weight, t or u.
 
-    The C++ pass on CPU with backend "auto"/"cpp"; the torch reference elsewhere (see policy_fused).
+    The C++ pass on CPU with backend "auto"/"cpp", the Triton passes on CUDA (and with backend "triton"), the torch
+    reference elsewhere (see policy_fused).
     """
     t = _check_policy_args(weight, scores, t, mode, u)
-    if policy_fused(weight.device, backend):
+    if _policy_triton(weight.device, backend):
+        from . import triton_policy
+        return triton_policy.policy_apply_mask(weight, scores, t, mode, u)
+    if _policy_cpp(weight.device, backend):
         return torch.ops.maskprune.policy_apply_mask(weight, scores, t, mode, u)
     return reference.policy_apply_mask(weight, scores, t, mode, u)
 
@@ -602,10 +620,14 @@ def policy_masked_linear(x: torch.Tensor, weight: torch.Tensor, scores: torch.Te
     """Y = X W_effᵀ (+ b) in x's dtype with W_eff of `mode`; gradients to x, scores and bias.
 
     On CPU one pass writes W_eff / α for the GEMM (α, biprop's gain, found in that pass, scales the GEMM's
-    output and dX) and one pass over the weight-gradient GEMM's output gives dS; elsewhere the torch reference.
+    output and dX) and one pass over the weight-gradient GEMM's output gives dS. With Triton (CUDA) the mask pass
+    writes α Q in x's dtype for the platform GEMM and one elementwise pass gives dS; elsewhere the torch reference.
     """
     t = _check_policy_args(weight, scores, t, mode, u)
     _check_linear_args(x, weight, bias)
-    if policy_fused(x.device, backend):
+    if _policy_triton(x.device, backend):
+        from . import triton_policy
+        return triton_policy.policy_masked_linear(x, weight, scores, t, bias, mode, u)
+    if _policy_cpp(x.device, backend):
         return torch.ops.maskprune.policy_masked_linear(x, weight, scores, t, bias, mode, u)
     return reference.policy_masked_linear(x, weight, scores, t, bias, mode, u)

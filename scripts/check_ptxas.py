@@ -182,6 +182,17 @@ def triton_cases() -> list:
                       dict(out_ptr="*fp32", n="i64", offset="i64", seed="i64", step="fp32"),
                       dict(DIST=dist, BLOCK=2048), [{"num_warps": 8}], "other", {},
                       {"n", "offset", "seed", "layer", "stream", "step"}))
+    pol = importlib.import_module("maskprune.kernels.policy")  # the mask policies' modes
+    for code, mode in enumerate(pol.MODES):
+        cases.append((f"policy mask ({mode})", "fp32 W -> bf16", pol, "_policy_mask_kernel",
+                      dict(w_ptr="*fp32", s_ptr="*fp32", t_ptr="*fp32", u_ptr="*fp32", q_ptr="*bf16",
+                           part_ptr="*fp32"),
+                      dict(MODE=code, COMPUTE_DTYPE=tl.float32, BLOCK=pol.BLOCK), [{"num_warps": 4}], "other", {},
+                      set()))
+        cases.append((f"policy score grad ({mode})", "bf16 G, fp32 W", pol, "_policy_score_grad_kernel",
+                      dict(g_ptr="*bf16", w_ptr="*fp32", s_ptr="*fp32", ds_ptr="*fp32"),
+                      dict(MODE=code, COMPUTE_DTYPE=tl.float32, BLOCK=pol.BLOCK), [{"num_warps": 4}], "other", {},
+                      set()))
     seed = importlib.import_module("maskprune.kernels.seed_mask")  # seed mode: W regenerated inside the passes
     for dist, init in enumerate(seed.DISTRIBUTIONS):
         cases.append((f"seed mask ({init})", "fp32 -> bf16", seed, "_seed_mask_kernel",
