@@ -193,7 +193,7 @@ class Supermask(LayerSetPolicy):
         return BernoulliSTE.apply(layer.scores, self._u(layer, training).to(layer.scores.dtype))
 
     def _fused(self, device: torch.device, layer) -> bool:
-        """Whether the layer's forward runs the fused "sampled" op (CPU, no dynamic scaling)."""
+        """Whether the layer's forward runs the fused "sampled" op (C++ on CPU, Triton on CUDA; no dynamic scaling)."""
         return not self.dynamic_scaling and ops.policy_fused(device, layer.backend)
 
     def effective_weight(self, layer, weight: torch.Tensor | None = None) -> torch.Tensor:
