@@ -7,7 +7,8 @@ every step here uses only what the working tree and the machine's python3 alread
   2. build      maskprune._C with its CUDA part, in place, for the local GPU's arch only,
                 with every core (MAX_JOBS)                                                 -> build.log
   3. tests      tests/test_ops_cuda.py, tests/kernels/ (on CUDA, not the interpreter), the
-                CUDA cases of tests/test_ops.py, tests/test_nn.py; no -x                   -> tests.xml, tests.log
+                CUDA cases of tests/test_ops.py, tests/test_nn.py, seed mode and the policies' Triton
+                passes (tests/test_seed_mode.py, tests/test_policy_triton.py); no -x                   -> tests.xml, tests.log
   4. train      lenet300 on MNIST, 2 epochs on CUDA: masks with each backend, and dense    -> train.json
   5. bench      scripts/bench_kernels.py on a reduced grid                                 -> bench.json, bench.png
   and summary.json: each step's status, exit code, seconds, and the headline numbers.
@@ -38,7 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ("env.json", "build.log", "tests.xml", "tests.log", "train.json", "bench.json", "bench.png", "summary.json")
 # The GPU tests: the CUDA file, the kernel tests, and the CUDA parameters of test_ops.py (ids "cuda-<backend>").
-TEST_PATHS = ("tests/test_ops_cuda.py", "tests/kernels", "tests/test_ops.py", "tests/test_nn.py")
+TEST_PATHS = ("tests/test_ops_cuda.py", "tests/kernels", "tests/test_ops.py", "tests/test_nn.py",
+              "tests/test_seed_mode.py", "tests/test_policy_triton.py")
 TEST_SELECTION = "cuda or not test_ops"
 TRAIN_BACKENDS = ("triton", "cpp", "torch")
 BENCH_ARGS = ("--shapes", "4096x4096x4096,8192x8192x8192,256x2048x784,4096x2048x784,4096x2048x2048",
