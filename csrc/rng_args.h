@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "philox.h"
 
@@ -18,6 +19,17 @@ struct CounterArgs {
   uint32_t layer, stream;
   uint64_t offset; // element index of out's first element
 };
+
+// Calls f with the distribution as a compile-time constant (std::integral_constant).
+template <typename F>
+inline void with_dist(philox::Dist dist, F&& f) {
+  switch (dist) {
+    case philox::Dist::kSignedConstant: return f(std::integral_constant<philox::Dist, philox::Dist::kSignedConstant>{});
+    case philox::Dist::kKaimingUniform: return f(std::integral_constant<philox::Dist, philox::Dist::kKaimingUniform>{});
+    case philox::Dist::kKaimingNormal: return f(std::integral_constant<philox::Dist, philox::Dist::kKaimingNormal>{});
+    case philox::Dist::kUniform: return f(std::integral_constant<philox::Dist, philox::Dist::kUniform>{});
+  }
+}
 
 inline philox::Dist parse_dist(c10::string_view init) {
   if (init == "signed_constant") return philox::Dist::kSignedConstant;

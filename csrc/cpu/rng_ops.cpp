@@ -242,17 +242,6 @@ std::tuple<at::Tensor, at::Tensor> supermask_philox_mask_cpu(const at::Tensor& w
 // mask pass and the dS pass, never stored. Each pass computes exactly what mask_loop / score_grad_loop
 // (mask_ops.cpp) compute from the stored float32 weight, so the two modes agree bit for bit.
 
-// Calls f with the distribution as a compile-time constant (std::integral_constant).
-template <typename F>
-void with_dist(philox::Dist dist, F&& f) {
-  switch (dist) {
-    case philox::Dist::kSignedConstant: return f(std::integral_constant<philox::Dist, philox::Dist::kSignedConstant>{});
-    case philox::Dist::kKaimingUniform: return f(std::integral_constant<philox::Dist, philox::Dist::kKaimingUniform>{});
-    case philox::Dist::kKaimingNormal: return f(std::integral_constant<philox::Dist, philox::Dist::kKaimingNormal>{});
-    case philox::Dist::kUniform: return f(std::integral_constant<philox::Dist, philox::Dist::kUniform>{});
-  }
-}
-
 template <philox::Dist kDist, bool kAbs, typename out_t>
 void seed_mask_range(const float* __restrict__ s, out_t* __restrict__ out, float thr, int64_t begin, int64_t end,
                      const CounterArgs& a) {

@@ -97,16 +97,6 @@ int64_t blocks_for(int64_t n) {
   return std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t{sms} * 16);
 }
 
-template <typename F>
-void with_dist(philox::Dist dist, F&& f) {
-  switch (dist) {
-    case philox::Dist::kSignedConstant: return f(std::integral_constant<philox::Dist, philox::Dist::kSignedConstant>{});
-    case philox::Dist::kKaimingUniform: return f(std::integral_constant<philox::Dist, philox::Dist::kKaimingUniform>{});
-    case philox::Dist::kKaimingNormal: return f(std::integral_constant<philox::Dist, philox::Dist::kKaimingNormal>{});
-    case philox::Dist::kUniform: return f(std::integral_constant<philox::Dist, philox::Dist::kUniform>{});
-  }
-}
-
 at::Tensor seed_apply_mask_cuda(const at::Tensor& scores, const at::Tensor& t, bool abs_scores, c10::string_view init,
                                 double scale, int64_t seed, int64_t layer, std::optional<at::ScalarType> dtype) {
   const CounterArgs a = check_seed_key(scores, init, scale, seed, layer);
