@@ -576,10 +576,15 @@ def _check_policy_args(weight, scores, t, mode: str, u) -> torch.Tensor:
     return _check_mask_args(weight, scores, t)
 
 
+def backend_runs(name: str, device: torch.device) -> bool:
+    """Whether the backend `name` is registered and runs on `device`."""
+    return name in BACKENDS and BACKENDS[name].is_available(device)
+
+
 def _policy_triton(device: torch.device, backend: str) -> bool:
     """Whether the policy ops run the Triton kernels (maskprune.kernels.policy): backend "triton", or "auto" on
     CUDA, where the Triton backend is available for the device."""
-    if "triton" not in BACKENDS or not BACKENDS["triton"].is_available(device):
+    if not backend_runs("triton", device):
         return False
     return backend == "triton" or (backend == "auto" and device.type == "cuda")
 

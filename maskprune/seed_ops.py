@@ -19,12 +19,11 @@ BLOCK_M) times) and save no memory, because dX needs W_eff too.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 
-from . import ops, rng
+from . import ops, reference, rng
 
 __all__ = ["SEED_POLICIES", "seed_apply_mask", "seed_score_grad", "seed_masked_linear", "seed_masked_weight"]
 
@@ -77,26 +76,20 @@ def _check_scores_and_t(scores, t) -> torch.Tensor:
     return t.detach().to(torch.float32)
 
 
-def _triton_runs_on(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_available()
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _backend_for(backend: str, device: torch.device) -> str:
     """The backend that runs: "cpp", "triton" or "torch" (see the module docstring)."""
     ops.check_backend_name(backend)
-    cpp = _cpp_has_seed_ops() and ops.BACKENDS["cpp"].is_available(device)
+    cpp = _cpp_has_seed_ops() and ops.backend_runs("cpp", device)
     if backend == "auto":
         if cpp:
             return "cpp"
-        return "triton" if device.type == "cuda" and "triton" in ops.BACKENDS else "torch"
+        return "triton" if device.type == "cuda" and ops.backend_runs("triton", device) else "torch"
     if backend == "cpp" and not cpp:
         why = "" if _cpp_has_seed_ops() else (" (maskprune._C lacks the seed-mode ops: rebuild it with "
                                                "`pip install --no-build-isolation -e .`)")
         raise ValueError(f"backend 'cpp' is not available on {device} for seed mode{why}; use backend='auto', "
                          f"'torch' or 'triton'")
-    if backend == "triton" and not _triton_runs_on(device):
+    if backend == "triton" and not ops.backend_runs("triton", device):
         raise ValueError(f"backend 'triton' is not available on {device} (CUDA tensors, or CPU tensors with "
                          f"TRITON_INTERPRET=1)")
     return backend
@@ -115,8 +108,7 @@ def _mask_pass(scores: torch.Tensor, t: torch.Tensor, key: rng.WeightKey, abs_sc
         from .kernels import seed_mask
         return seed_mask.seed_apply_mask(scores, t, key, abs_scores, dtype)
     w = key.generate(scores.shape, device=scores.device, backend="reference")
-    k = scores.abs() if abs_scores else scores
-    return (w * (k >= t).to(torch.float32)).to(dtype)
+    return reference.apply_mask(w, scores, t, abs_scores).to(dtype)
 
 
 def _grad_pass_(grad: torch.Tensor, scores: torch.Tensor, key: rng.WeightKey, abs_scores: bool,
@@ -129,8 +121,9 @@ def _grad_pass_(grad: torch.Tensor, scores: torch.Tensor, key: rng.WeightKey, ab
         from .kernels import seed_mask
         return seed_mask.seed_score_grad_(grad, scores, key, abs_scores)
     w = key.generate(scores.shape, device=scores.device, backend="reference")
-    grad.mul_(w) if not abs_scores else grad.copy_(torch.sign(scores) * (w * grad))
-    return grad
+    if abs_scores:
+        return grad.copy_(torch.sign(scores) * (w * grad))
+    return grad.mul_(w)
 
 
 def seed_masked_weight(scores: torch.Tensor, t: torch.Tensor | float, key: rng.WeightKey, *, abs_scores: bool = True,
@@ -182,9 +175,8 @@ class _SeedApplyMask(torch.autograd.Function):
         (scores,) = ctx.saved_tensors
         grad_scores = None
         if ctx.needs_input_grad[0]:
-            g = grad if grad.dtype == torch.float32 and grad.is_contiguous() else _grad_in_place(grad)
-            if g is grad:
-                g = grad.clone()  # autograd may hand the same gradient to others: never write over it
+            # a float32 copy: autograd may hand the same gradient to others, so it is never written over
+            g = grad.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
             grad_scores = _grad_pass_(g, scores.detach().contiguous(), ctx.key, ctx.abs_scores, ctx.backend)
         return grad_scores, None, None, None, None, None
 

@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .. import masks
+from ..seed_ops import SEED_POLICIES
 from .init import init_weight
 from .layers import WEIGHT_MODES, MaskedConv2d, MaskedLayer, MaskedLinear, check_masking_args, to_seed_mode
 from .parametrize import WeightMask, weight_masks
@@ -264,7 +265,6 @@ def convert(model: nn.Module, density: float, *, policy: str = "layerwise", weig
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
     if weights == "seed":
-        from ..seed_ops import SEED_POLICIES  # late: seed_ops imports maskprune.rng, which imports maskprune.nn
         if weight_init is None or weight_seed is None:
             raise ValueError("weights='seed' needs weights that can be regenerated: a weight_init (got "
                              f"{weight_init!r}) and a weight_seed ('auto' or an int, got {weight_seed!r})")

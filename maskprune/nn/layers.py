@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .. import masks, ops
+from .. import masks, ops, seed_ops
 from .init import SCORE_INITS, WEIGHT_INITS, init_scores, init_weight
 
 
@@ -163,10 +163,9 @@ class SeedWeight:
         return self.weight_key.generate(tuple(self.scores.shape), device=self.scores.device)
 
     def _seed_threshold(self) -> torch.Tensor:
-        from ..seed_ops import SEED_POLICIES
-        if self.mask_policy.name not in SEED_POLICIES:
+        if self.mask_policy.name not in seed_ops.SEED_POLICIES:
             raise ValueError(f"mask policy {self.mask_policy.name!r} cannot run on a seed-mode layer (weights='seed'); "
-                             f"accepted policies: {SEED_POLICIES}")
+                             f"accepted policies: {seed_ops.SEED_POLICIES}")
         return self.mask_policy.threshold(self)
 
 
@@ -174,11 +173,10 @@ class SeedMaskedLinear(SeedWeight, MaskedLinear):
     """MaskedLinear whose frozen weight is regenerated, not stored (to_seed_mode makes one)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..seed_ops import seed_masked_linear
         dtype = _autocast_dtype(x)
         if dtype is not None:
             x = x.to(dtype)
-        return seed_masked_linear(x, self.scores, self._seed_threshold(), self.weight_key, self.bias,
+        return seed_ops.seed_masked_linear(x, self.scores, self._seed_threshold(), self.weight_key, self.bias,
                                   abs_scores=self.abs_scores, backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -189,9 +187,8 @@ class SeedMaskedConv2d(SeedWeight, MaskedConv2d):
     """MaskedConv2d whose frozen weight is regenerated, not stored (to_seed_mode makes one)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..seed_ops import seed_apply_mask
-        w_eff = seed_apply_mask(self.scores, self._seed_threshold(), self.weight_key, abs_scores=self.abs_scores,
-                                backend=self.backend)
+        w_eff = seed_ops.seed_apply_mask(self.scores, self._seed_threshold(), self.weight_key,
+                                         abs_scores=self.abs_scores, backend=self.backend)
         return self._conv_forward(x, w_eff, self.bias)
 
     def extra_repr(self) -> str:
