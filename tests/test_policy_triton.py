@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from maskprune import ops, reference
-from maskprune.masks import make_policy
 from maskprune.nn import convert, masked_layers
 
 TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()

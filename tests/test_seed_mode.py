@@ -305,8 +305,8 @@ TINY = dict(model="lenet300", dataset="mnist", epochs=2, batch_size=64, limit_tr
 
 @pytest.mark.parametrize("policy", ["layerwise", "global"])
 def test_train_seed_equals_stored_and_resumes(tmp_path, monkeypatch, policy):
-    import maskprune.train as trainer
     from maskprune.train import TrainConfig, train
+    from train_helpers import train_until_first_checkpoint
 
     stored = train(TrainConfig(**TINY, policy=policy), tmp_path / "stored", quiet=True)
     cfg = TrainConfig(**TINY, policy=policy, weights="seed")
@@ -319,20 +319,7 @@ def test_train_seed_equals_stored_and_resumes(tmp_path, monkeypatch, policy):
     ref = torch.load(tmp_path / "stored" / "last.pt", weights_only=True)
     assert all(torch.equal(v, ref["model"][k]) for k, v in last["model"].items())
 
-    class Stop(Exception):
-        pass
-
-    real_save = trainer.save_atomic
-
-    def stop_after_first_last_pt(obj, path):
-        real_save(obj, path)
-        if path.name == "last.pt":
-            raise Stop
-
-    monkeypatch.setattr(trainer, "save_atomic", stop_after_first_last_pt)
-    with pytest.raises(Stop):
-        train(cfg, tmp_path / "cut", quiet=True)
-    monkeypatch.setattr(trainer, "save_atomic", real_save)
+    train_until_first_checkpoint(cfg, tmp_path / "cut", monkeypatch)
     resumed = train(cfg, tmp_path / "cut", resume=str(tmp_path / "cut" / "last.pt"), quiet=True)
     assert resumed["test_acc_last"] == seeded["test_acc_last"]
 

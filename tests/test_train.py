@@ -20,6 +20,7 @@ from maskprune import data as datasets
 from maskprune import train as trainer
 from maskprune.runfiles import RunFileError
 from maskprune.train import ConfigError, TrainConfig, load_config_file, train, validate
+from train_helpers import Stop, train_until_first_checkpoint
 
 TINY = dict(model="lenet300", dataset="mnist", epochs=2, batch_size=64, limit_train=512, device="cpu", threads=1)
 METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "train_seconds",
@@ -205,24 +206,12 @@ def test_quiet_prints_nothing_and_plain_lines_otherwise(tmp_path, capsys):
 
 # -- resume -----------------------------------------------------------------------------------------------------
 
-class Stop(Exception):
-    pass
-
-
 @pytest.mark.parametrize("mode", ["mask", "dense"])
 def test_resume_after_epoch_k_equals_uninterrupted(tmp_path, monkeypatch, mode):
     cfg = dict(epochs=3, mode=mode, nesterov=True, warmup_epochs=1)
     whole = train(tiny(**cfg), tmp_path / "whole", quiet=True)
 
-    real_save = trainer.save_atomic
-    def stop_after_first_last_pt(obj, path):
-        real_save(obj, path)
-        if path.name == "last.pt":
-            raise Stop  # the run dies right after epoch 1 was checkpointed
-    monkeypatch.setattr(trainer, "save_atomic", stop_after_first_last_pt)
-    with pytest.raises(Stop):
-        train(tiny(**cfg), tmp_path / "cut", quiet=True)
-    monkeypatch.setattr(trainer, "save_atomic", real_save)
+    train_until_first_checkpoint(tiny(**cfg), tmp_path / "cut", monkeypatch)  # dies right after epoch 1's last.pt
     assert len(metrics(tmp_path / "cut")) == 1
     resumed = train(tiny(**cfg), tmp_path / "cut", resume=str(tmp_path / "cut" / "last.pt"), quiet=True)
 

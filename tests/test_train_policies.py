@@ -12,6 +12,7 @@ from maskprune import masks
 from maskprune.cli import main
 from maskprune.nn import MaskedLinear, mask_stats, masked_layers
 from maskprune.train import TrainConfig, train
+from train_helpers import train_until_first_checkpoint
 
 TINY = dict(model="lenet300", dataset="mnist", epochs=2, batch_size=64, limit_train=512, device="cpu", threads=1)
 OPTS = {"iterand": "period=3", "gem_miner": "freeze_every=1"}
@@ -95,21 +96,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, policy):
     cfg = TrainConfig(**{**TINY, "epochs": 3}, policy=policy, policy_options=OPTS.get(policy, ""),
                       lr=LR.get(policy, 0.1))
     whole = train(cfg, tmp_path / "whole", quiet=True)
-
-    class Stop(Exception):
-        pass
-
-    real_save = trainer.save_atomic
-
-    def stop_after_first_last_pt(obj, path):
-        real_save(obj, path)
-        if path.name == "last.pt":
-            raise Stop
-
-    monkeypatch.setattr(trainer, "save_atomic", stop_after_first_last_pt)
-    with pytest.raises(Stop):
-        train(cfg, tmp_path / "cut", quiet=True)
-    monkeypatch.setattr(trainer, "save_atomic", real_save)
+    train_until_first_checkpoint(cfg, tmp_path / "cut", monkeypatch)
     resumed = train(cfg, tmp_path / "cut", resume=str(tmp_path / "cut" / "last.pt"), quiet=True)
     assert resumed["test_acc_last"] == whole["test_acc_last"]
     a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
