@@ -17,6 +17,13 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SCORE_DTYPES = (torch.float32, torch.float64)
 
 
+def store_dtype(out_dtype: torch.dtype) -> torch.dtype:
+    """The dtype an elementwise kernel stores an `out_dtype` result in: float32 for float16/bfloat16 under the
+    interpreter, whose narrowing stores do not round to nearest even (the launcher then casts with torch, which
+    does), else `out_dtype` itself (a GPU's conversion rounds to nearest even)."""
+    return torch.float32 if INTERPRET and out_dtype in HALF_DTYPES else out_dtype
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """torch.float32 -> "float32", as error messages name dtypes."""
     return str(dtype).replace("torch.", "")

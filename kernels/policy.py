@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import FLOAT_DTYPES, INTERPRET, SCORE_DTYPES, check_devices, check_tensor, device_guard, sign_of
+from ._utils import (FLOAT_DTYPES, INTERPRET, SCORE_DTYPES, check_devices, check_tensor, device_guard, sign_of,
+                     store_dtype)
 
 MODES = ("topk", "raw", "signed", "binary", "sampled")  # the kernels' MODE constexpr is the index
 BLOCK = 1024
@@ -112,10 +113,7 @@ def policy_mask(weight: torch.Tensor, scores: torch.Tensor, t: torch.Tensor | No
     alpha_dtype = torch.promote_types(weight.dtype, torch.float32)
     weight, scores = weight.contiguous(), scores.contiguous()
     u = u.contiguous() if u is not None else scores
-    # Under the interpreter a narrowing float32 -> bf16/fp16 store does not round to nearest even: write float32
-    # there and let torch cast (on a GPU the kernel's own conversion rounds correctly).
-    narrow = INTERPRET and out_dtype in (torch.float16, torch.bfloat16) and weight.dtype != out_dtype
-    q = torch.empty(weight.shape, dtype=torch.float32 if narrow else out_dtype, device=weight.device)
+    q = torch.empty(weight.shape, dtype=store_dtype(out_dtype), device=weight.device)
     n = q.numel()
     programs = max(1, triton.cdiv(n, BLOCK))
     parts = torch.zeros((programs, 2), dtype=compute, device=weight.device)
@@ -124,8 +122,7 @@ def policy_mask(weight: torch.Tensor, scores: torch.Tensor, t: torch.Tensor | No
             _policy_mask_kernel[(programs,)](weight, scores, t.to(scores.dtype), u, q, parts, n, MODE=code,
                                              COMPUTE_DTYPE=_tl_dtype(compute), BLOCK=BLOCK,
                                              num_warps=1 if INTERPRET else 4)
-    if narrow:
-        q = q.to(out_dtype)
+    q = q.to(out_dtype)  # a no-op unless store_dtype staged it in float32
     if mode == "binary":
         total = parts.sum(0)  # program order: deterministic
         alpha = (total[0] / total[1].clamp_min(1)).to(alpha_dtype)

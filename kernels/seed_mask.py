@@ -15,7 +15,8 @@ import triton.language as tl
 
 from maskprune.triton_rng import as_int32_bits, counter_value, dist_step
 
-from ._utils import FLOAT_DTYPES, INTERPRET, check_devices, check_tensor, check_threshold, device_guard
+from ._utils import (FLOAT_DTYPES, INTERPRET, check_devices, check_tensor, check_threshold, device_guard,
+                     store_dtype)
 
 DISTRIBUTIONS = ("signed_constant", "kaiming_uniform", "kaiming_normal")  # counter_value's DIST 0, 1, 2
 
@@ -74,15 +75,12 @@ def seed_apply_mask(scores: torch.Tensor, t: torch.Tensor, key, abs_scores: bool
     dist, seed, layer, step = key_args(key)
     scores = scores.contiguous()
     n = scores.numel()
-    # float16/bfloat16 through float32 and torch's cast (round to nearest even), as maskprune.triton_rng does:
-    # the interpreter's own narrowing conversion does not round that way.
-    narrow = out_dtype in (torch.float16, torch.bfloat16)
-    out = torch.empty(scores.shape, dtype=torch.float32 if narrow else out_dtype, device=scores.device)
+    out = torch.empty(scores.shape, dtype=store_dtype(out_dtype), device=scores.device)
     if n:
         grid = lambda META: (triton.cdiv(n, META["BLOCK"]),)  # noqa: E731
         with device_guard(device):
             _seed_mask_kernel[grid](scores, t, out, n, seed, layer, step, DIST=dist, ABS_SCORES=bool(abs_scores))
-    return out.to(out_dtype) if narrow else out
+    return out.to(out_dtype)  # a no-op unless store_dtype staged it in float32
 
 
 def seed_score_grad_(grad: torch.Tensor, scores: torch.Tensor, key, abs_scores: bool = True) -> torch.Tensor:
