@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 
 #include "philox.h"
@@ -75,6 +76,13 @@ inline void check_seed_threshold(const at::Tensor& scores, const at::Tensor& t) 
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "t must have the scores' dtype float32, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == scores.device(), "t and scores must be on the same device, got ", t.device(),
                     " and ", scores.device());
+}
+
+// seed_apply_mask's output dtype: `dtype`, default float32, a floating dtype.
+inline at::ScalarType seed_out_dtype(std::optional<at::ScalarType> dtype) {
+  const auto out_dtype = dtype.value_or(at::kFloat);
+  TORCH_CHECK_TYPE(at::isFloatingType(out_dtype), "dtype must be a floating dtype, got ", out_dtype);
+  return out_dtype;
 }
 
 // seed_score_grad_ writes dS over grad_weight: float32, contiguous, the scores' shape and device.

@@ -168,17 +168,26 @@ void fill_values(float* __restrict__ dst, int64_t n, uint64_t base, const Counte
   }
 }
 
+// body(b, n, v) for each block [b, b + n) of [begin, end) (n <= kBlock), v the float32 values of elements
+// offset + b .. offset + b + n - 1: the blocks go through a kBlock buffer on the stack, so they stay in L1.
+template <philox::Dist kDist, typename F>
+void for_each_value_block(int64_t begin, int64_t end, const CounterArgs& a, F&& body) {
+  alignas(32) float v[kBlock];
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t n = std::min(kBlock, end - b);
+    fill_values<kDist>(v, n, a.offset + static_cast<uint64_t>(b), a);
+    body(b, n, v);
+  }
+}
+
 template <philox::Dist kDist, typename scalar_t>
 void fill_range(scalar_t* out, int64_t begin, int64_t end, const CounterArgs& a) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     fill_values<kDist>(out + begin, end - begin, a.offset + static_cast<uint64_t>(begin), a);
   } else {
-    float buffer[kBlock];
-    for (int64_t b = begin; b < end; b += kBlock) {
-      const int64_t n = std::min(kBlock, end - b);
-      fill_values<kDist>(buffer, n, a.offset + static_cast<uint64_t>(b), a);
-      for (int64_t j = 0; j < n; ++j) out[b + j] = static_cast<scalar_t>(buffer[j]);
-    }
+    for_each_value_block<kDist>(begin, end, a, [&](int64_t b, int64_t n, const float* v) {
+      for (int64_t j = 0; j < n; ++j) out[b + j] = static_cast<scalar_t>(v[j]);
+    });
   }
 }
 
@@ -221,10 +230,7 @@ std::tuple<at::Tensor, at::Tensor> supermask_philox_mask_cpu(const at::Tensor& w
   float* __restrict__ od = w_eff.data_ptr<float>();
   float* __restrict__ qd = q.data_ptr<float>();
   at::parallel_for(0, w.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    float u[kBlock];
-    for (int64_t b = begin; b < end; b += kBlock) {
-      const int64_t n = std::min(kBlock, end - b);
-      fill_values<philox::Dist::kUniform>(u, n, static_cast<uint64_t>(b), a);
+    for_each_value_block<philox::Dist::kUniform>(begin, end, a, [&](int64_t b, int64_t n, const float* u) {
       for (int64_t j = 0; j < n; ++j) {
         // W * M with M = 1[u < p] as a float, as the unfused path multiplies (signed zeros, NaN * 0);
         // a select, not a branch: the mask bit is a coin flip the branch predictor cannot learn.
@@ -233,37 +239,31 @@ std::tuple<at::Tensor, at::Tensor> supermask_philox_mask_cpu(const at::Tensor& w
         od[b + j] = wd[b + j] * keep;
         qd[b + j] = pj * (1.0f - pj);
       }
-    }
+    });
   });
   return {w_eff, q};
 }
 
-// ---- seed mode (issue 18 §3): W regenerated block by block (kBlock floats on the stack, in L1) inside the
+// ---- seed mode (issue 18 §3): W regenerated block by block (for_each_value_block) inside the
 // mask pass and the dS pass, never stored. Each pass computes exactly what mask_loop / score_grad_loop
 // (mask_ops.cpp) compute from the stored float32 weight, so the two modes agree bit for bit.
 
 template <philox::Dist kDist, bool kAbs, typename out_t>
 void seed_mask_range(const float* __restrict__ s, out_t* __restrict__ out, float thr, int64_t begin, int64_t end,
                      const CounterArgs& a) {
-  alignas(32) float w[kBlock];
-  for (int64_t b = begin; b < end; b += kBlock) {
-    const int64_t n = std::min(kBlock, end - b);
-    fill_values<kDist>(w, n, static_cast<uint64_t>(b), a);
+  for_each_value_block<kDist>(begin, end, a, [&](int64_t b, int64_t n, const float* w) {
     for (int64_t j = 0; j < n; ++j) {
       const float key = kAbs ? std::abs(s[b + j]) : s[b + j];
       const float keep = key >= thr ? 1.0f : 0.0f;  // w * keep: a dropped negative weight is -0.0, as mask_loop's
       out[b + j] = static_cast<out_t>(w[j] * keep);
     }
-  }
+  });
 }
 
 template <philox::Dist kDist, bool kAbs>
 void seed_grad_range(float* __restrict__ g, const float* __restrict__ s, int64_t begin, int64_t end,
                      const CounterArgs& a) {
-  alignas(32) float w[kBlock];
-  for (int64_t b = begin; b < end; b += kBlock) {
-    const int64_t n = std::min(kBlock, end - b);
-    fill_values<kDist>(w, n, static_cast<uint64_t>(b), a);
+  for_each_value_block<kDist>(begin, end, a, [&](int64_t b, int64_t n, const float* w) {
     for (int64_t j = 0; j < n; ++j) {
       const float v = w[j] * g[b + j];
       if constexpr (kAbs) {
@@ -273,15 +273,14 @@ void seed_grad_range(float* __restrict__ g, const float* __restrict__ s, int64_t
         g[b + j] = v;
       }
     }
-  }
+  });
 }
 
 at::Tensor seed_apply_mask_cpu(const at::Tensor& scores, const at::Tensor& t, bool abs_scores, c10::string_view init,
                                double scale, int64_t seed, int64_t layer, std::optional<at::ScalarType> dtype) {
   const CounterArgs a = check_seed_key(scores, init, scale, seed, layer);
   check_seed_threshold(scores, t);
-  const auto out_dtype = dtype.value_or(at::kFloat);
-  TORCH_CHECK_TYPE(at::isFloatingType(out_dtype), "dtype must be a floating dtype, got ", out_dtype);
+  const auto out_dtype = seed_out_dtype(dtype);
   const at::Tensor s = scores.contiguous();
   at::Tensor out = pooled_empty(s.sizes(), s.options().dtype(out_dtype));  // the cache apply_mask's W ⊙ M uses
   if (s.numel() == 0) return out;

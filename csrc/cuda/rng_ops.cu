@@ -33,11 +33,16 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Grid size of the grid-stride kernels: one thread per element, at most 16 blocks per SM.
+int64_t blocks_for(int64_t n) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t{sms} * 16);
+}
+
 template <philox::Dist kDist>
 void launch(at::Tensor& out, const CounterArgs& a) {
   const int64_t n = out.numel();
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t{sms} * 16);
+  const int64_t blocks = blocks_for(n);
   const cudaStream_t cuda_stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "counter_weights_", [&] {
     counter_weights_kernel<kDist, scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, cuda_stream>>>(
@@ -92,17 +97,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-int64_t blocks_for(int64_t n) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t{sms} * 16);
-}
-
 at::Tensor seed_apply_mask_cuda(const at::Tensor& scores, const at::Tensor& t, bool abs_scores, c10::string_view init,
                                 double scale, int64_t seed, int64_t layer, std::optional<at::ScalarType> dtype) {
   const CounterArgs a = check_seed_key(scores, init, scale, seed, layer);
   check_seed_threshold(scores, t);
-  const auto out_dtype = dtype.value_or(at::kFloat);
-  TORCH_CHECK_TYPE(at::isFloatingType(out_dtype), "dtype must be a floating dtype, got ", out_dtype);
+  const auto out_dtype = seed_out_dtype(dtype);
   const c10::cuda::CUDAGuard guard(scores.device());
   const at::Tensor s = scores.contiguous();
   at::Tensor out = at::empty(s.sizes(), s.options().dtype(out_dtype));
