@@ -5,8 +5,9 @@ on the validation split from the policy's small grid (seed 0, density --select-d
 density x seed runs with it; test accuracy of the final model is reported (gem_miner after its rounding,
 supermask with its evaluation mask). Every run: frozen signed-constant weights with edge-popup's fan
 scaling, batch 128, --epochs epochs (one budget for all), cosine schedule, no weight decay, the policy's
-default options except iterand's period (--iterand-period) and gem_miner's schedule (epochs = --epochs,
-freeze every epoch: with a short budget their 8-epoch period would never freeze).
+default options except iterand's period (--iterand-period) and gem_miner's schedule (epochs = --epochs, a
+freezing every max(1, --epochs // 10) epochs, about nine in any budget: with 10 epochs their 8-epoch period
+would freeze once) and its L2 weight (--gem-l2, default the policy's 1e-8).
 
 Writes results/policy_sweep/<run>/results.json (every selection run and point, rewritten after each) and
 policy_sweep.png (test accuracy against the measured kept fraction per task, mean and spread over seeds: the
@@ -69,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grid", action="append", default=[], metavar="POLICY=LR,LR,...",
                    help="replace one policy's lr grid (repeatable), e.g. gem_miner=0.1,0.3,1")
     p.add_argument("--iterand-period", type=int, default=300, help="IteRand's K (optimizer steps between redraws)")
+    p.add_argument("--gem-l2", default="1e-8,1e-6,1e-5,1e-4",
+                   help="gem_miner's λ grid, searched with its lr grid on validation (1e-8: the policy's default)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = leave torch's default)")
     p.add_argument("--run", default=None, help="run name (default: UTC time)")
     p.add_argument("--out", default=None, help="output folder (default results/policy_sweep/<run>)")
@@ -92,10 +95,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')}: must be >= 0, got {getattr(args, flag)}")
     if not 0 < args.select_density <= 1:
         p.error(f"--select-density: must be in (0, 1], got {args.select_density}")
+    args.gem_l2 = option_list(p, "--gem-l2", args.gem_l2, float, low=0.0, high=1.0)
     if args.quick:
         args.tasks, args.densities, args.seeds, args.epochs = ["lenet300-mnist"], [0.1, 0.5], [0], 2
         args.train_limit, args.val_limit, args.test_limit, args.iterand_period = 600, 500, 1000, 5
-        args.select_density, args.batch_size = 0.5, 64
+        args.select_density, args.batch_size, args.gem_l2 = 0.5, 64, [1e-8, 1e-5]
     return args
 
 
@@ -103,8 +107,10 @@ def _limit(x, y, n):
     return (x, y) if not n else (x[:n], y[:n])
 
 
-def train_one(task: str, policy_name: str, density: float, seed: int, lr: float, splits, args) -> dict:
-    """One mask-training run; returns val and test accuracy, kept fraction and seconds."""
+def train_one(task: str, policy_name: str, density: float, seed: int, lr: float, splits, args,
+              l2: float | None = None) -> dict:
+    """One mask-training run (gem_miner with L2 weight `l2`); returns val and test accuracy, kept fraction and
+    seconds."""
     arch, _ = TASKS[task]
     seed_everything(seed)
     model = models.create(arch, num_classes=splits.num_classes, in_shape=splits.in_shape, bias=False)
@@ -114,7 +120,9 @@ def train_one(task: str, policy_name: str, density: float, seed: int, lr: float,
     if policy_name == "iterand":
         options = {"period": args.iterand_period, "seed": seed}
     elif policy_name == "gem_miner":
-        options = {"epochs": args.epochs, "freeze_every": 1}
+        options = {"epochs": args.epochs, "freeze_every": max(1, args.epochs // 10)}
+        if l2 is not None:
+            options["l2"] = l2
     elif policy_name == "supermask":
         options = {"seed": seed}
     policy = masks.make_policy(policy_name, layers, density, **options)
@@ -172,6 +180,45 @@ def plot(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _l2_text(l2: float | None) -> str:
+    return "" if l2 is None else f" l2={l2:g}"
+
+
+def choose_lr(task: str, policy: str, l2: float | None, lrs: list, splits, args, results) -> tuple:
+    """(val_acc, lr, l2): the policy's lr chosen on validation (seed 0, --select-density) from its grid,
+    extended at an edge (at most --grid-extend times), so every lr is an interior optimum or says it is not."""
+    best = (-1.0, lrs[len(lrs) // 2])  # kept if every grid point diverges (NaN never compares greater)
+    tried: dict[float, float] = {}
+
+    def select(lr: float) -> None:
+        nonlocal best
+        run = train_one(task, policy, args.select_density, 0, lr, splits, args, l2)
+        results.record["selection"].append({"task": task, "policy": policy, "lr": lr,
+                                            **({} if l2 is None else {"l2": l2}), **run})
+        results.write()
+        print(f"[select] {task} {policy} lr={lr:g}{_l2_text(l2)} val {run['val_acc']:.4f}", flush=True)
+        tried[lr] = run["val_acc"]
+        if run["val_acc"] > best[0]:
+            best = (run["val_acc"], lr)
+
+    for lr in lrs if len(lrs) > 1 else ():
+        select(lr)
+    for _ in range(args.grid_extend if len(lrs) > 1 else 0):
+        ordered = sorted(tried)
+        if best[1] == ordered[-1]:
+            select(round(best[1] * ordered[-1] / ordered[-2], 10))
+        elif best[1] == ordered[0]:
+            select(round(best[1] * ordered[0] / ordered[1], 10))
+        else:
+            break
+    ordered = sorted(tried)
+    results.record.setdefault("lr_choice", []).append(
+        {"task": task, "policy": policy, "lr": best[1], "val_acc": best[0], "grid": ordered,
+         "at_edge": len(ordered) > 1 and best[1] in (ordered[0], ordered[-1]),
+         **({} if l2 is None else {"l2": l2})})
+    return best[0], best[1], l2
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_threads(args.threads)
@@ -186,43 +233,17 @@ def main(argv=None) -> int:
         _, dataset = TASKS[task]
         splits = data.load(dataset).normalize()
         for policy in args.policies:
-            lrs = config["grids"][policy]["lrs"]
-            best = (-1.0, lrs[len(lrs) // 2])  # kept if every grid point diverges (NaN never compares greater)
-            tried: dict[float, float] = {}
-
-            def select(lr: float) -> None:  # the lr choice: seed 0 at --select-density, on validation
-                nonlocal best
-                run = train_one(task, policy, args.select_density, 0, lr, splits, args)
-                results.record["selection"].append({"task": task, "policy": policy, "lr": lr, **run})
-                results.write()
-                print(f"[select] {task} {policy} lr={lr:g} val {run['val_acc']:.4f}", flush=True)
-                tried[lr] = run["val_acc"]
-                if run["val_acc"] > best[0]:
-                    best = (run["val_acc"], lr)
-
-            for lr in lrs if len(lrs) > 1 else ():
-                select(lr)
-            # A best lr at the edge of the grid is no choice: extend the grid by its own step on that side
-            # (at most --grid-extend times), so every policy's lr is an interior optimum or says it is not.
-            for _ in range(args.grid_extend if len(lrs) > 1 else 0):
-                ordered = sorted(tried)
-                if best[1] == ordered[-1]:
-                    select(round(best[1] * ordered[-1] / ordered[-2], 10))
-                elif best[1] == ordered[0]:
-                    select(round(best[1] * ordered[0] / ordered[1], 10))
-                else:
-                    break
-            ordered = sorted(tried)
-            results.record.setdefault("lr_choice", []).append(
-                {"task": task, "policy": policy, "lr": best[1], "val_acc": best[0], "grid": ordered,
-                 "at_edge": len(ordered) > 1 and best[1] in (ordered[0], ordered[-1])})
-            lr = best[1]
+            choices = [choose_lr(task, policy, l2, config["grids"][policy]["lrs"], splits, args, results)
+                       for l2 in (args.gem_l2 if policy == "gem_miner" else [None])]
+            _, lr, l2 = max(choices, key=lambda c: c[0])  # the best (lr, λ) on validation
             for density in args.densities:
                 for seed in args.seeds:
-                    run = train_one(task, policy, density, seed, lr, splits, args)
-                    results.add({"task": task, "policy": policy, "density": density, "seed": seed, "lr": lr, **run})
-                    print(f"{task} {policy} d={density:g} seed={seed} lr={lr:g} test {run['test_acc']:.4f} "
-                          f"kept {run['kept_fraction']:.3f} ({run['train_seconds']:.1f}s)", flush=True)
+                    run = train_one(task, policy, density, seed, lr, splits, args, l2)
+                    results.add({"task": task, "policy": policy, "density": density, "seed": seed, "lr": lr,
+                                 **({} if l2 is None else {"l2": l2}), **run})
+                    print(f"{task} {policy} d={density:g} seed={seed} lr={lr:g}{_l2_text(l2)} "
+                          f"test {run['test_acc']:.4f} kept {run['kept_fraction']:.3f} "
+                          f"({run['train_seconds']:.1f}s)", flush=True)
     plot(results.record, folder / "policy_sweep.png")
     results.finish()
     print(f"wrote {folder / 'results.json'} and {folder / 'policy_sweep.png'}")

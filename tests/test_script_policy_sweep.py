@@ -32,24 +32,30 @@ def test_every_policy_density_and_seed_is_there(quick_run):
         assert 0.0 <= p["test_acc"] <= 1.0 and 0.0 < p["kept_fraction"] <= 1.0 and p["steps"] == 20
         if p["policy"] in ("layerwise", "biprop", "signed", "iterand"):
             assert abs(p["kept_fraction"] - p["density"]) < 1e-3
-    # the lr of each policy is the grid point with the best validation accuracy
+    # the lr of each policy (and gem_miner's λ, searched with it) is the grid point with the best validation accuracy
+    assert cfg["gem_l2"] == [1e-8, 1e-5]
     for policy in cfg["policies"]:
-        tried = [s for s in record["selection"] if s["policy"] == policy]
-        grid = cfg["grids"][policy]["lrs"]
-        lrs = [s["lr"] for s in tried]
-        assert lrs[:len(grid)] == grid and len(lrs) <= len(grid) + cfg["grid_extend"]
-        # every extension step continues the grid's own ratio past the edge that was then the best
-        for i in range(len(grid), len(lrs)):
-            best_so_far = max(tried[:i], key=lambda s: s["val_acc"])["lr"]
-            ordered = sorted(lrs[:i])
-            assert best_so_far in (ordered[0], ordered[-1])
-            expected = (best_so_far * ordered[-1] / ordered[-2] if best_so_far == ordered[-1]
-                        else best_so_far * ordered[0] / ordered[1])
-            assert lrs[i] == pytest.approx(expected)
-        chosen = {p["lr"] for p in record["points"] if p["policy"] == policy}
-        assert chosen == {max(tried, key=lambda s: s["val_acc"])["lr"]}
-        choice = next(c for c in record["lr_choice"] if c["policy"] == policy)
-        assert choice["grid"] == sorted(lrs) and choice["at_edge"] == (choice["lr"] in (min(lrs), max(lrs)))
+        tried_all = [s for s in record["selection"] if s["policy"] == policy]
+        l2s = cfg["gem_l2"] if policy == "gem_miner" else [None]
+        assert [s.get("l2") for s in tried_all] == [l2 for l2 in l2s for s in tried_all if s.get("l2") == l2]
+        for l2 in l2s:
+            tried = [s for s in tried_all if s.get("l2") == l2]
+            grid = cfg["grids"][policy]["lrs"]
+            lrs = [s["lr"] for s in tried]
+            assert lrs[:len(grid)] == grid and len(lrs) <= len(grid) + cfg["grid_extend"]
+            # every extension step continues the grid's own ratio past the edge that was then the best
+            for i in range(len(grid), len(lrs)):
+                best_so_far = max(tried[:i], key=lambda s: s["val_acc"])["lr"]
+                ordered = sorted(lrs[:i])
+                assert best_so_far in (ordered[0], ordered[-1])
+                expected = (best_so_far * ordered[-1] / ordered[-2] if best_so_far == ordered[-1]
+                            else best_so_far * ordered[0] / ordered[1])
+                assert lrs[i] == pytest.approx(expected)
+            choice = next(c for c in record["lr_choice"] if c["policy"] == policy and c.get("l2") == l2)
+            assert choice["grid"] == sorted(lrs) and choice["at_edge"] == (choice["lr"] in (min(lrs), max(lrs)))
+        best = max(tried_all, key=lambda s: s["val_acc"])
+        chosen = {(p["lr"], p.get("l2")) for p in record["points"] if p["policy"] == policy}
+        assert chosen == {(best["lr"], best.get("l2"))}
     # even this tiny budget learns with the top-k rules at density 0.5 (chance: 0.10)
     layerwise = next(p for p in record["points"] if p["policy"] == "layerwise" and p["density"] == 0.5)
     assert layerwise["test_acc"] > 0.4
@@ -63,6 +69,7 @@ def test_every_policy_density_and_seed_is_there(quick_run):
     ("--select-density", "0", r"--select-density: must be in \(0, 1\], got 0.0"),
     ("--grid", "popup=0.1,0.3", "--grid: unknown policy 'popup'"),
     ("--grid", "gem_miner=0.1,x", "--grid: a comma list of float values"),
+    ("--gem-l2", "1e-5,2", r"--gem-l2: every value must be in \[0.0, 1.0\], got 2.0"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(tmp_path, flag, value, message):
     proc = subprocess.run([sys.executable, str(SCRIPT), flag, value, "--out", str(tmp_path / "x")], cwd=REPO,
