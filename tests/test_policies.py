@@ -248,6 +248,21 @@ def test_threshold_policy_is_strict_and_straight_through():
     assert not policy.mask(layer)[0, 0] and torch.equal(policy.mask(layer), layer.scores.detach() > 0.05)
 
 
+def test_gem_miner_penalty_is_one_node_with_the_l2_gradient():
+    """λ Σ‖p‖² over all the policy's layers in one autograd node; its gradient 2λ g p reaches every layer's scores
+    (g: the upstream factor, e.g. a GradScaler's scale), in each score tensor's dtype."""
+    from maskprune.masks.gem_miner import L2Penalty
+    a = torch.rand(5, 7, requires_grad=True)
+    b = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)
+    penalty = L2Penalty.apply(1e-3, a, b)
+    assert penalty.dtype == torch.float32 and penalty.dim() == 0
+    assert torch.allclose(penalty.double(), 1e-3 * ((a.double() ** 2).sum() + (b ** 2).sum()), rtol=1e-6)
+    (3.0 * penalty).backward()
+    assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float64
+    assert torch.allclose(a.grad, 6e-3 * a.detach()) and torch.allclose(b.grad, 6e-3 * b.detach())
+    assert type(penalty.grad_fn).__name__ == "L2PenaltyBackward"
+
+
 def test_gem_miner_rule_hooks_and_freezing():
     layers = [_layer(seed=0), _layer(out_f=9, in_f=5, seed=1)]
     policy = masks.make_policy("gem_miner", layers, 0.25, epochs=9, freeze_every=2, l2=1e-3)

@@ -35,20 +35,26 @@ import torch.nn as nn
 from .base import RawThresholdPolicy, choice_option, constant_threshold, fill_scores, float_option, int_option
 
 
-class SquaredNorm(torch.autograd.Function):
-    """‖p‖² of a score tensor as a float32 0-d tensor (as `(p.float() ** 2).sum()`): forward one dot product,
-    backward one pass 2 g p (autograd's version of that expression made four passes over the scores)."""
+class L2Penalty(torch.autograd.Function):
+    """λ Σ ‖p‖² over several score tensors as one float32 0-d tensor (as `λ * sum((p.float() ** 2).sum())`), in one
+    autograd node: forward one dot product per tensor, backward one foreach pass 2λ g p (a node per tensor,
+    and autograd's own version of the expression, cost several passes and nodes per layer every step)."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(scores)
-        flat = scores.detach().reshape(-1).float()
-        return torch.dot(flat, flat)
+    def forward(ctx, l2: float, *scores: torch.Tensor) -> torch.Tensor:
+        ctx.l2 = l2
+        ctx.save_for_backward(*scores)
+        total = None
+        for s in scores:
+            flat = s.detach().reshape(-1).float()
+            dot = torch.dot(flat, flat)
+            total = dot if total is None else total + dot
+        return total * l2
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        scores, = ctx.saved_tensors
-        return scores * (2 * grad).to(scores.dtype)
+        scores = ctx.saved_tensors
+        return (None, *torch._foreach_mul(scores, grad * (2 * ctx.l2)))
 
 
 class GemMiner(RawThresholdPolicy):
@@ -97,7 +103,7 @@ class GemMiner(RawThresholdPolicy):
     def regularization(self, layers: Sequence) -> torch.Tensor | None:
         if self.l2 == 0:
             return None
-        return self.l2 * sum(SquaredNorm.apply(layer.scores) for layer in layers)
+        return L2Penalty.apply(self.l2, *(layer.scores for layer in layers)) if layers else None
 
     @torch.no_grad()
     def after_step(self, layers: Sequence, step: int) -> None:
