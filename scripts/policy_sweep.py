@@ -1,7 +1,8 @@
 """Every mask policy (maskprune.masks) on the same networks, densities, seeds and budget: one comparison.
 
 Tasks: lenet300 on MNIST and conv4 on Fashion-MNIST. For each (task, policy) the learning rate is chosen
-on the validation split from the policy's small grid (seed 0, density --select-density), then every
+on the validation split from the policy's small grid (seed 0, density --select-density; for gem_miner together
+with its L2 weight λ from --gem-l2, the knob that sets its sparsity, as its configs set it per target), then every
 density x seed runs with it; test accuracy of the final model is reported (gem_miner after its rounding,
 supermask with its evaluation mask). Every run: frozen signed-constant weights with edge-popup's fan
 scaling, batch 128, --epochs epochs (one budget for all), cosine schedule, no weight decay, the policy's
@@ -35,11 +36,12 @@ from maskprune import data, masks, models  # noqa: E402
 from maskprune.nn import masked_layers  # noqa: E402
 
 TASKS = {"lenet300-mnist": ("lenet300", "mnist"), "conv4-fashion": ("conv4", "fashion-mnist")}
-POLICIES = ("layerwise", "supermask", "biprop", "signed", "iterand", "gem_miner", "threshold")
+POLICIES = ("layerwise", "global", "supermask", "biprop", "signed", "iterand", "gem_miner", "threshold")
 # (optimizer, learning-rate grid) per policy: SGD with momentum 0.9 for the top-k rules (edge-popup's 0.1 in the
 # middle), SGD at Zhou et al.'s lr 100 scale for supermask, Adam for the [0, 1] and thresholded scores.
 GRIDS = {
     "layerwise": ("sgd", (0.03, 0.1, 0.3)),
+    "global": ("sgd", (0.03, 0.1, 0.3)),
     "supermask": ("sgd", (30.0, 100.0, 300.0)),
     "biprop": ("sgd", (0.03, 0.1, 0.3)),
     "signed": ("sgd", (0.03, 0.1, 0.3)),

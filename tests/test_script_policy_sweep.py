@@ -25,12 +25,13 @@ def test_every_policy_density_and_seed_is_there(quick_run):
     assert record["status"] == "done" and record["wall_time_s"] > 0
     cfg = record["config"]
     assert cfg["quick"] is True and cfg["tasks"] == ["lenet300-mnist"] and cfg["densities"] == [0.1, 0.5]
-    assert set(cfg["policies"]) == {"layerwise", "supermask", "biprop", "signed", "iterand", "gem_miner", "threshold"}
+    assert set(cfg["policies"]) == {"layerwise", "global", "supermask", "biprop", "signed", "iterand", "gem_miner",
+                                    "threshold"}
     keys = {(p["task"], p["policy"], p["density"], p["seed"]) for p in record["points"]}
     assert keys == {("lenet300-mnist", pol, d, 0) for pol in cfg["policies"] for d in cfg["densities"]}
     for p in record["points"]:
         assert 0.0 <= p["test_acc"] <= 1.0 and 0.0 < p["kept_fraction"] <= 1.0 and p["steps"] == 20
-        if p["policy"] in ("layerwise", "biprop", "signed", "iterand"):
+        if p["policy"] in ("layerwise", "global", "biprop", "signed", "iterand"):
             assert abs(p["kept_fraction"] - p["density"]) < 1e-3
     # the lr of each policy (and gem_miner's λ, searched with it) is the grid point with the best validation accuracy
     assert cfg["gem_l2"] == [1e-8, 1e-5]
