@@ -522,7 +522,8 @@ def masked_linear_topk(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tens
 
 
 # --------------------------------------------------------------------------------------------
-# Mask policies (issue 17): the fused passes of csrc/cpu/policy_ops.cpp, one `mode` per rule
+# Mask policies (issue 17): the fused passes of csrc/cpu/policy_ops.cpp and csrc/cuda/policy_ops.cu (and of
+# maskprune/kernels/policy.py), one `mode` per rule
 # --------------------------------------------------------------------------------------------
 
 POLICY_MODES = ("topk", "raw", "signed", "binary", "sampled")
@@ -591,16 +592,18 @@ def _policy_triton(device: torch.device, backend: str) -> bool:
 
 def policy_fused(device: torch.device | str, backend: str = "auto") -> bool:
     """Whether policy_apply_mask / policy_masked_linear run a fused kernel for tensors on `device` with `backend`:
-    the C++ CPU passes of maskprune._C, or the Triton passes (CUDA; CPU under TRITON_INTERPRET=1 with
-    backend="triton"). Elsewhere (backend "torch", CUDA without Triton) they run the torch reference."""
+    the Triton passes (CUDA by default; CPU under TRITON_INTERPRET=1 with backend="triton"), or the C++ passes of
+    maskprune._C (CPU; CUDA with backend="cpp", or when Triton is missing). With backend "torch" they run the
+    torch reference."""
     device = torch.device(device)
     check_backend_name(backend)
     return _policy_triton(device, backend) or _policy_cpp(device, backend)
 
 
 def _policy_cpp(device: torch.device, backend: str) -> bool:
-    """Whether the policy ops run the C++ CPU passes (maskprune._C) for this device and backend."""
-    return device.type == "cpu" and "cpp" in BACKENDS and resolve_backend(backend, device).name == "cpp"
+    """Whether the policy ops run the C++ passes of maskprune._C for this device and backend: its CPU kernels, or
+    its CUDA kernels (csrc/cuda/policy_ops.cu) where it was built with them and Triton is not chosen."""
+    return "cpp" in BACKENDS and resolve_backend(backend, device).name == "cpp"
 
 
 def policy_apply_mask(weight: torch.Tensor, scores: torch.Tensor, t: torch.Tensor | float | None, mode: str, *,

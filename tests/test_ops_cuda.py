@@ -94,9 +94,12 @@ def make_scores(kind: str, numel: int, dtype: torch.dtype, seed: int = 0) -> tor
     raise ValueError(kind)
 
 
-ALL_OPS = ("threshold", "global_threshold", "apply_mask", "score_grad", "score_grad_")
+ALL_OPS = ("threshold", "global_threshold", "apply_mask", "score_grad", "score_grad_",  # cuda/mask_ops.cu
+           "counter_weights_", "seed_apply_mask", "seed_score_grad_",  # cuda/rng_ops.cu
+           "policy_mask", "policy_score_grad", "policy_linear_score_grad")  # cuda/policy_ops.cu
 # Device-generic on CUDA too (csrc/masked_linear.cpp: the mask pass + cuBLAS, the score-gradient pass).
-COMPOSITE_OPS = ("masked_linear", "masked_linear_backward", "masked_linear_topk", "threshold_and_mask")
+COMPOSITE_OPS = ("masked_linear", "masked_linear_backward", "masked_linear_topk", "threshold_and_mask",
+                 "policy_apply_mask", "policy_masked_linear")
 
 
 def extension_built_with_cuda() -> tuple[bool, str]:

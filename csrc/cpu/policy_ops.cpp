@@ -8,8 +8,8 @@
 //   "sampled" M = 1[u < σ(S)],  W_eff = W ⊙ M,               dS = σ'(S) ⊙ W ⊙ g      (supermask; u an input)
 // (g = ∂L/∂W_eff.) policy_mask returns (Q, α) with W_eff = α Q: α is found in the same pass that writes Q
 // (1 for every mode but "binary"), and policy_masked_linear applies it to the GEMM's output (and to dX) rather
-// than in a pass over W. The ops here are CPU kernels; CUDA and Triton have none yet (maskprune.ops then runs the
-// torch reference, maskprune.reference.policy_*).
+// than in a pass over W. The ops here are CPU kernels; CUDA has its own (cuda/policy_ops.cu) and Triton its own
+// (maskprune/kernels/policy.py), which maskprune.ops runs on CUDA by default.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -27,51 +27,17 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../policy_args.h"
 #include "buffer_pool.h"
 
 namespace maskprune {
 namespace {
 
-enum class Mode { kTopK, kRaw, kSigned, kBinary, kSampled };
+using Mode = PolicyMode;
 
-Mode parse_mode(c10::string_view mode) {
-  if (mode == "topk") return Mode::kTopK;
-  if (mode == "raw") return Mode::kRaw;
-  if (mode == "signed") return Mode::kSigned;
-  if (mode == "binary") return Mode::kBinary;
-  if (mode == "sampled") return Mode::kSampled;
-  TORCH_CHECK_VALUE(false, "mode must be one of topk, raw, signed, binary, sampled, got '", std::string(mode), "'");
-  return Mode::kTopK;  // not reached
-}
+Mode parse_mode(c10::string_view mode) { return parse_policy_mode(mode); }
 
 constexpr int64_t kGrain = 1 << 15;
-
-// t in `dtype`, cast only when needed: aten::to hands back its input for the same dtype, and an operator below
-// autograd must not return (an alias of) an input (opcheck).
-at::Tensor cast_to(const at::Tensor& t, at::ScalarType dtype) {
-  return t.scalar_type() == dtype ? t : t.to(dtype);
-}
-
-// u: given exactly for "sampled", a float32/float64 tensor of the scores' shape on their device.
-void check_u(Mode mode, const std::optional<at::Tensor>& u, const at::Tensor& scores) {
-  const bool given = u.has_value() && u->defined();
-  if (mode != Mode::kSampled) {
-    TORCH_CHECK_VALUE(!given, "u is only taken by mode 'sampled'");
-    return;
-  }
-  TORCH_CHECK_VALUE(given, "mode 'sampled' needs u (uniform draws in [0, 1) of the scores' shape)");
-  TORCH_CHECK_TYPE(u->scalar_type() == at::kFloat || u->scalar_type() == at::kDouble,
-                   "u must be float32 or float64, got ", u->scalar_type());
-  TORCH_CHECK_VALUE(u->sizes() == scores.sizes(), "u must have the scores' shape ", scores.sizes(), ", got ",
-                    u->sizes());
-  check_same_device(*u, "u", scores, "scores");
-}
-
-void check_policy_mask_args(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& t, Mode mode,
-                            const std::optional<at::Tensor>& u) {
-  check_mask_args(weight, scores, t);
-  check_u(mode, u, scores);
-}
 
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor here (the policy ops have CPU kernels only), "
@@ -209,11 +175,6 @@ void mask_dispatch(Mode mode, const weight_t* w, const score_t* s, const score_t
   }
 }
 
-// The dtype of α: the weight's, promoted to at least float32 (as maskprune.reference computes it).
-at::ScalarType alpha_dtype(const at::Tensor& weight) {
-  return at::promote_types(weight.scalar_type(), at::kFloat);
-}
-
 // (Q, α, D) on CPU: Q = W_eff / α written in one pass in `dtype` (default the weight's), α a 0-d tensor, and for
 // "sampled" D = σ'(S) ⊙ W (the scores' dtype) written by the same pass (else an empty tensor).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_mask_cpu(const at::Tensor& weight, const at::Tensor& scores,
@@ -265,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_mask_cpu(const at::Tensor&
     }
     alpha = total / static_cast<double>(std::max<int64_t>(count, 1));
   }
-  return {out, at::scalar_tensor(alpha, at::TensorOptions().dtype(alpha_dtype(weight))), deriv};
+  return {out, at::scalar_tensor(alpha, at::TensorOptions().dtype(policy_alpha_dtype(weight))), deriv};
 }
 
 // dS = factor(S) ⊙ W ⊙ g into `out` (scores' dtype, contiguous; may alias g when the dtypes match).
@@ -316,7 +277,7 @@ at::Tensor policy_score_grad_cpu(const at::Tensor& grad_weight, const at::Tensor
                                  c10::string_view mode_name, const std::optional<at::Tensor>& u) {
   const Mode mode = parse_mode(mode_name);
   check_score_grad_args(grad_weight, weight, scores);
-  check_u(mode, u, scores);
+  check_policy_u(mode, u, scores);
   check_cpu(scores, "scores");
   const auto s = scores.contiguous();
   auto out = at::empty_like(s);
@@ -330,14 +291,7 @@ at::Tensor policy_linear_score_grad_cpu(const at::Tensor& grad_out, const at::Te
                                         const at::Tensor& scores, c10::string_view mode_name,
                                         const std::optional<at::Tensor>& u) {
   const Mode mode = parse_mode(mode_name);
-  check_float(weight, "weight");
-  check_scores(scores);
-  TORCH_CHECK_VALUE(weight.sizes() == scores.sizes(), "scores must have the weight's shape ", weight.sizes(),
-                    ", got ", scores.sizes());
-  check_same_device(weight, "weight", scores, "scores");
-  check_linear_shapes(x, weight);
-  check_linear_grad_out(grad_out, x, weight);
-  check_u(mode, u, scores);
+  check_policy_linear_grad_args(grad_out, x, weight, scores, mode, u);
   check_cpu(x, "x");
   const int64_t out_features = weight.size(0), in_features = weight.size(1);
   const int64_t rows = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));

@@ -1,0 +1,149 @@
+"""The CUDA kernels of the mask policies' passes (csrc/cuda/policy_ops.cu: policy_mask, policy_score_grad,
+policy_linear_score_grad; backend="cpp" on a GPU) against the CPU passes (csrc/cpu/policy_ops.cpp) and the torch
+reference. Every test needs a CUDA GPU and maskprune._C built with its CUDA part, and is skipped elsewhere with
+that reason; the .cu file is still compiled by the build and by scripts/check_ptxas.py.
+
+Tolerances, per mode and dtype:
+  topk, raw, signed, binary  Q = W_eff / α, D and dS equal the CPU passes bit for bit (the same products, in the
+                             same types); biprop's α is summed in float64 in another order: 1 ulp of α's dtype.
+  sampled                    σ(S) from CUDA's expf against the CPU's vectorised exp (each within 2 ulp): the mask
+                             bits are equal wherever |u - σ(S)| > 1e-5; D and dS within 16 ulp of the scores' dtype
+                             relative, or 1 ulp of the largest |value| absolute (1 - p cancels where p is near 1).
+"""
+import pytest
+import torch
+
+from maskprune import ops, reference
+
+pytest.importorskip("maskprune._C", reason="maskprune._C is not built (pip install --no-build-isolation -e .)")
+
+
+def _cuda_policy_kernels() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "needs a CUDA GPU"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("maskprune::policy_mask", "CUDA"):
+        return False, "maskprune._C was built without its CUDA part (no nvcc, or MASKPRUNE_NO_CUDA=1)"
+    return True, ""
+
+
+_RUNS, _WHY = _cuda_policy_kernels()
+pytestmark = pytest.mark.skipif(not _RUNS, reason=_WHY or "runs")
+
+C = torch.ops.maskprune
+ULP = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float64: 2.0 ** -52}
+WEIGHT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+SHAPES = [(1,), (37, 53), (7, 3, 3, 3), (1031,), (2 ** 20 + 3,)]
+
+
+def _inputs(shape, weight_dtype, mode, seed=0):
+    """CPU tensors: weight, scores (float64 with a float64 weight, else float32), t, u (sampled only)."""
+    g = torch.Generator().manual_seed(seed)
+    score_dtype = torch.float64 if weight_dtype == torch.float64 else torch.float32
+    weight = torch.randn(shape, generator=g).to(weight_dtype)
+    scores = torch.randn(shape, generator=g, dtype=score_dtype)
+    t = ops.threshold(scores, 0.3, abs_scores=mode != "raw", backend="torch").to(score_dtype)
+    u = torch.rand(shape, generator=g, dtype=score_dtype) if mode == "sampled" else None
+    return weight, scores, t, u
+
+
+def _cuda(*tensors):
+    return [None if x is None else x.cuda() for x in tensors]
+
+
+def _assert_same(got, want):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(got.cpu(), want)
+
+
+def _assert_sampled_close(got, want, scores):
+    tol = ULP[scores.dtype]
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    torch.testing.assert_close(got.cpu(), want, rtol=16 * tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("mode", ops.POLICY_MODES)
+@pytest.mark.parametrize("weight_dtype", WEIGHT_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_policy_mask_equals_cpu_pass(mode, weight_dtype, shape):
+    weight, scores, t, u = _inputs(shape, weight_dtype, mode, seed=len(shape))
+    q_cpu, alpha_cpu, d_cpu = C.policy_mask(weight, scores, t, mode, u)
+    q, alpha, d = C.policy_mask(*_cuda(weight, scores, t), mode, *_cuda(u))
+    assert q.is_cuda and alpha.is_cuda and alpha.dtype == alpha_cpu.dtype and alpha.dim() == 0
+    if mode == "sampled":
+        p = torch.sigmoid(scores)
+        clear = (u - p).abs() > 1e-5  # away from the σ(S) boundary, the mask bit cannot differ
+        assert torch.equal(q.cpu()[clear], q_cpu[clear])
+        _assert_sampled_close(d, d_cpu, scores)
+    else:
+        _assert_same(q, q_cpu)
+        assert d.numel() == 0
+    if mode == "binary":
+        torch.testing.assert_close(alpha.cpu(), alpha_cpu, rtol=ULP[alpha_cpu.dtype], atol=0)
+        again = C.policy_mask(*_cuda(weight, scores, t), mode, None)[1]
+        assert torch.equal(again, alpha), "α must be deterministic (block sums added in block order)"
+    else:
+        assert float(alpha) == 1.0
+
+
+@pytest.mark.parametrize("mode", ops.POLICY_MODES)
+@pytest.mark.parametrize("weight_dtype", WEIGHT_DTYPES)
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_policy_score_grad_equals_cpu_pass(mode, weight_dtype, grad_dtype):
+    weight, scores, _, u = _inputs((37, 53), weight_dtype, mode, seed=5)
+    grad = torch.randn((37, 53), generator=torch.Generator().manual_seed(6)).to(grad_dtype)
+    want = C.policy_score_grad(grad, weight, scores, mode, u)
+    got = C.policy_score_grad(*_cuda(grad, weight, scores), mode, *_cuda(u))
+    if mode == "sampled":
+        _assert_sampled_close(got, want, scores)
+    else:
+        _assert_same(got, want)
+
+
+@pytest.mark.parametrize("mode", ops.POLICY_MODES)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_policy_masked_linear_cpp_on_cuda_equals_reference(mode, x_dtype):
+    """The device-generic composite and its C++ autograd over the CUDA kernels (backend="cpp"), against the
+    reference on the same GPU; cuBLAS's GEMMs in both (TF32 off), so the GEMM tolerances of test_ops_cuda."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    weight, scores, t, u = _cuda(*_inputs((37, 53), torch.float32, mode, seed=3))
+    x1 = torch.randn(4, 3, 53, device="cuda").to(x_dtype).requires_grad_()
+    x2 = x1.detach().clone().requires_grad_()
+    s1, s2 = scores.clone().requires_grad_(), scores.clone().requires_grad_()
+    bias = torch.randn(37, device="cuda")
+    want = reference.policy_masked_linear(x1, weight, s1, t, bias, mode, u)
+    got = ops.policy_masked_linear(x2, weight, s2, t, bias, mode=mode, u=u, backend="cpp")
+    tol = dict(rtol=2e-2, atol=2e-2) if x_dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, **tol)
+    g = torch.randn_like(want)
+    want.backward(g)
+    got.backward(g)
+    torch.testing.assert_close(x2.grad, x1.grad, **tol)
+    torch.testing.assert_close(s2.grad, s1.grad, **tol)
+
+
+@pytest.mark.parametrize("mode", ops.POLICY_MODES)
+def test_non_contiguous_inputs(mode):
+    weight, scores, t, u = _inputs((40, 30), torch.float32, mode, seed=7)
+    weight, scores = weight.t(), scores.t()
+    u = u.t() if u is not None else None
+    want = C.policy_mask(weight, scores, t, mode, u)[0]
+    got = C.policy_mask(*_cuda(weight, scores, t), mode, *_cuda(u))[0]
+    if mode == "sampled":
+        clear = (u - torch.sigmoid(scores)).abs() > 1e-5
+        assert torch.equal(got.cpu()[clear], want[clear])
+    else:
+        _assert_same(got, want)
+
+
+def test_bad_input_names_the_argument():
+    weight, scores, t, u = _cuda(*_inputs((5, 4), torch.float32, "sampled"))
+    with pytest.raises(ValueError, match="mode 'sampled' needs u"):
+        C.policy_mask(weight, scores, t, "sampled", None)
+    with pytest.raises(ValueError, match="u is only taken by mode 'sampled'"):
+        C.policy_mask(weight, scores, t, "topk", u)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        C.policy_mask(weight, scores, t, "popup", None)
+    with pytest.raises(ValueError, match="u and scores must be on the same device"):
+        C.policy_mask(weight, scores, t, "sampled", u.cpu())
+    with pytest.raises(TypeError, match="t must have the scores' dtype"):
+        C.policy_mask(weight, scores, t.double(), "topk", None)
