@@ -8,7 +8,7 @@ supermask with its evaluation mask). Every run: frozen signed-constant weights w
 scaling, batch 128, --epochs epochs (one budget for all), cosine schedule, no weight decay, the policy's
 default options except iterand's period (--iterand-period) and gem_miner's schedule (epochs = --epochs, a
 freezing every max(1, --epochs // 10) epochs, about nine in any budget: with 10 epochs their 8-epoch period
-would freeze once) and its L2 weight (--gem-l2, default the policy's 1e-8).
+would freeze once) and its L2 weight (searched from --gem-l2).
 
 Writes results/policy_sweep/<run>/results.json (every selection run and point, rewritten after each) and
 policy_sweep.png (test accuracy against the measured kept fraction per task, mean and spread over seeds: the
@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="replace one policy's lr grid (repeatable), e.g. gem_miner=0.1,0.3,1")
     p.add_argument("--iterand-period", type=int, default=300, help="IteRand's K (optimizer steps between redraws)")
     p.add_argument("--gem-l2", default="1e-8,1e-6,1e-5,1e-4",
-                   help="gem_miner's λ grid, searched with its lr grid on validation (1e-8: the policy's default)")
+                   help="gem_miner's λ grid, searched with its lr grid on validation (1e-8: their ResNet-20 value)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = leave torch's default)")
     p.add_argument("--run", default=None, help="run name (default: UTC time)")
     p.add_argument("--out", default=None, help="output folder (default results/policy_sweep/<run>)")
