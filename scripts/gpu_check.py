@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FILES = ("env.json", "build.log", "tests.xml", "tests.log", "train.json", "bench.json", "bench.png", "summary.json")
 # The GPU tests: the CUDA file, the kernel tests, and the CUDA parameters of test_ops.py (ids "cuda-<backend>").
 TEST_PATHS = ("tests/test_ops_cuda.py", "tests/kernels", "tests/test_ops.py", "tests/test_nn.py",
-              "tests/test_seed_mode.py", "tests/test_policy_triton.py")
+              "tests/test_seed_mode.py", "tests/test_policy_triton.py", "tests/test_policy_cuda.py")
 TEST_SELECTION = "cuda or not test_ops"
 TRAIN_BACKENDS = ("triton", "cpp", "torch")
 BENCH_ARGS = ("--shapes", "4096x4096x4096,8192x8192x8192,256x2048x784,4096x2048x784,4096x2048x2048",
