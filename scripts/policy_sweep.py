@@ -5,10 +5,11 @@ on the validation split from the policy's small grid (seed 0, density --select-d
 with its L2 weight λ from --gem-l2, the knob that sets its sparsity, as its configs set it per target), then every
 density x seed runs with it; test accuracy of the final model is reported (gem_miner after its rounding,
 supermask with its evaluation mask). Every run: frozen signed-constant weights with edge-popup's fan
-scaling, batch 128, --epochs epochs (one budget for all), cosine schedule, no weight decay, the policy's
-default options except iterand's period (--iterand-period) and gem_miner's schedule (epochs = --epochs, a
-freezing every max(1, --epochs // 10) epochs, about nine in any budget: with 10 epochs their 8-epoch period
-would freeze once) and its L2 weight (searched from --gem-l2).
+scaling (--no-scale-fan: scaled for the full fan-in), batch 128, --epochs epochs (one budget for all), cosine
+schedule, no weight decay, the policy's default options (or --policy-options) except iterand's period
+(--iterand-period) and gem_miner's schedule (epochs = --epochs, a freezing every max(1, --epochs // 10) epochs,
+about nine in any budget: with 10 epochs their 8-epoch period would freeze once) and its L2 weight (searched
+from --gem-l2).
 
 Writes results/policy_sweep/<run>/results.json (every selection run and point, rewritten after each) and
 policy_sweep.png (test accuracy against the measured kept fraction per task, mean and spread over seeds: the
@@ -72,6 +73,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grid", action="append", default=[], metavar="POLICY=LR,LR,...",
                    help="replace one policy's lr grid (repeatable), e.g. gem_miner=0.1,0.3,1")
     p.add_argument("--iterand-period", type=int, default=300, help="IteRand's K (optimizer steps between redraws)")
+    p.add_argument("--scale-fan", action=argparse.BooleanOptionalAction, default=True,
+                   help="edge-popup's fan scaling of the weights for the density (off: scaled for the full fan-in, "
+                        "e.g. for supermask's dynamic_scaling, which rescales by the kept fraction itself)")
+    p.add_argument("--policy-options", action="append", default=[], metavar="POLICY=KEY=VALUE,...",
+                   help="options of one policy for every run (repeatable), e.g. supermask=dynamic_scaling=True")
     p.add_argument("--gem-l2", default="1e-8,1e-6,1e-5,1e-4",
                    help="gem_miner's λ grid, searched with its lr grid on validation (1e-8: their ResNet-20 value)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = leave torch's default)")
@@ -89,6 +95,16 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--grid: unknown policy {policy!r} in {item!r}; accepted: {', '.join(POLICIES)}")
         grids[policy] = option_list(p, "--grid", lrs, float, low=1e-8, high=1e4)
     args.grid = grids
+    options = {}
+    for item in args.policy_options:
+        policy, _, text = item.partition("=")
+        if policy not in POLICIES:
+            p.error(f"--policy-options: unknown policy {policy!r} in {item!r}; accepted: {', '.join(POLICIES)}")
+        try:
+            options[policy] = masks.parse_options(policy, text)
+        except ValueError as e:
+            p.error(f"--policy-options {policy}: {e}")
+    args.policy_options = options
     for flag in ("epochs", "batch_size", "iterand_period"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
@@ -116,7 +132,7 @@ def train_one(task: str, policy_name: str, density: float, seed: int, lr: float,
     arch, _ = TASKS[task]
     seed_everything(seed)
     model = models.create(arch, num_classes=splits.num_classes, in_shape=splits.in_shape, bias=False)
-    maskprune.convert(model, density, weight_init="signed_constant", scale_fan=True)
+    maskprune.convert(model, density, weight_init="signed_constant", scale_fan=args.scale_fan)
     layers = [layer for _, layer in masked_layers(model)]
     options = {}
     if policy_name == "iterand":
@@ -127,7 +143,7 @@ def train_one(task: str, policy_name: str, density: float, seed: int, lr: float,
             options["l2"] = l2
     elif policy_name == "supermask":
         options = {"seed": seed}
-    policy = masks.make_policy(policy_name, layers, density, **options)
+    policy = masks.make_policy(policy_name, layers, density, **{**options, **args.policy_options.get(policy_name, {})})
     masks.attach(model, policy)
     optimizer_name, _ = GRIDS[policy_name]
     params = [layer.scores for layer in layers]

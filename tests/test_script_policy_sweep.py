@@ -71,6 +71,8 @@ def test_every_policy_density_and_seed_is_there(quick_run):
     ("--grid", "popup=0.1,0.3", "--grid: unknown policy 'popup'"),
     ("--grid", "gem_miner=0.1,x", "--grid: a comma list of float values"),
     ("--gem-l2", "1e-5,2", r"--gem-l2: every value must be in \[0.0, 1.0\], got 2.0"),
+    ("--policy-options", "supermask=bogus=1", r"--policy-options supermask: .*unknown option\(s\) \['bogus'\]"),
+    ("--policy-options", "popup=a=1", "--policy-options: unknown policy 'popup'"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(tmp_path, flag, value, message):
     proc = subprocess.run([sys.executable, str(SCRIPT), flag, value, "--out", str(tmp_path / "x")], cwd=REPO,
