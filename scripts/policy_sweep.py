@@ -18,10 +18,13 @@ and threshold, which learn theirs).
 
     python scripts/policy_sweep.py --quick          # smoke run, < 1 min on one CPU core
     python scripts/policy_sweep.py --run full-cpu   # the full comparison (hours on CPU)
+    python scripts/policy_sweep.py --combine A/results.json B/results.json@supermask+dws --run all
+                                                    # one table and plot from several runs (no training)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -55,6 +58,10 @@ GRIDS = {
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--combine", nargs="+", metavar="RESULTS_JSON[@LABEL]",
+                   help="train nothing: merge these runs' points (a later file replaces an earlier one's task and "
+                        "policy rows; @LABEL shows a one-policy file's points under that name) into one results.json "
+                        "and PNG")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: lenet300/MNIST, 600 images, 2 epochs of batch 64, densities 0.1,0.5, 1 seed, "
                         "2 lrs per grid")
@@ -237,10 +244,44 @@ def choose_lr(task: str, policy: str, l2: float | None, lrs: list, splits, args,
     return best[0], best[1], l2
 
 
+def combine(items: list[str], folder: Path) -> dict:
+    """One record (results.json + PNG in `folder`) from several runs' results.json: "PATH" or "PATH@LABEL" (the
+    file's points shown as policy LABEL); a later file replaces the (task, policy) rows of an earlier one."""
+    rows: dict[tuple[str, str], list[dict]] = {}
+    sources, epochs = [], set()
+    for item in items:
+        path, _, label = item.partition("@")
+        try:
+            record = json.loads(Path(path).read_text())
+            points, epochs_of = record["points"], record["config"]["epochs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"policy_sweep: --combine: {path} is not a policy_sweep results.json ({e})")
+        epochs.add(epochs_of)
+        new: dict[tuple[str, str], list[dict]] = {}
+        for point in points:
+            name = label or point["policy"]
+            new.setdefault((point["task"], name), []).append({**point, "policy": name, "source": path})
+        rows.update(new)
+        sources.append({"path": path, "label": label or None, "rows": [f"{t}/{n}" for t, n in new]})
+    points = [point for group in rows.values() for point in group]
+    config = {"tasks": list(dict.fromkeys(t for t, _ in rows)), "policies": list(dict.fromkeys(n for _, n in rows)),
+              "epochs": epochs.pop() if len(epochs) == 1 else "mixed", "seeds": sorted({p["seed"] for p in points}),
+              "combined": sources}
+    record = {"config": config, "status": "done", "points": points}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(record, indent=1))
+    plot(record, folder / "policy_sweep.png")
+    return record
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_threads(args.threads)
     folder = run_dir("policy_sweep", args.run, args.out)
+    if args.combine:
+        combine(args.combine, folder)
+        print(f"wrote {folder / 'results.json'} and {folder / 'policy_sweep.png'}")
+        return 0
+    setup_threads(args.threads)
     config = {k: v for k, v in vars(args).items() if k not in ("run", "out")}
     config["grids"] = {p: {"optimizer": GRIDS[p][0],
                            "lrs": args.grid.get(p) or list(GRIDS[p][1][1:] if args.quick else GRIDS[p][1])}

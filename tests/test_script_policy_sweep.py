@@ -81,3 +81,22 @@ def test_bad_flags_exit_2_naming_the_flag(tmp_path, flag, value, message):
     import re
     assert re.search(message, proc.stderr), proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_combine_merges_runs_and_relabels(quick_run, tmp_path):
+    """--combine trains nothing: a later file replaces an earlier one's (task, policy) rows, @LABEL renames."""
+    src = quick_run / "results.json"
+    out = tmp_path / "combined"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--combine", str(src), f"{src}@again", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "results.json").read_text())
+    original = json.loads(src.read_text())
+    assert record["config"]["policies"] == [*original["config"]["policies"], "again"]
+    assert len(record["points"]) == 2 * len(original["points"])  # one task: every point once more, as "again"
+    again = [p for p in record["points"] if p["policy"] == "again"]
+    assert {p["source"] for p in again} == {str(src)} and len(again) == len(original["points"])
+    assert (out / "policy_sweep.png").stat().st_size > 10_000
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--combine", str(tmp_path / "none.json"), "--out",
+                          str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--combine" in bad.stderr and "is not a policy_sweep results.json" in bad.stderr
