@@ -104,7 +104,9 @@ def extensions():
 
     sources = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc").glob("*.cpp"))]
     sources += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))]
-    cxx = ["-O3", "-fopenmp"]  # the C++ standard comes from torch (C++17 up to 2.9, C++20 after)
+    # The C++ standard comes from torch (C++17 up to 2.9, C++20 after). No FMA contraction: the passes compiled
+    # for AVX2 / AVX-512 and chosen at run time must give the baseline (SSE2) pass's bits.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     extra = {"cxx": cxx}
     strip = want_strip(sys.argv)
     kwargs = dict(extra_link_args=["-fopenmp"] + (["-s"] if strip else []))

@@ -144,6 +144,7 @@ POLICY_ROWS = [
     ("biprop (signed-constant weights)", "biprop", "signed_constant", {}),
     ("biprop (kaiming-normal weights)", "biprop", "kaiming_normal", {}),
     ("supermask", "supermask", "signed_constant", {}),
+    ("supermask (philox draw fused in C++)", "supermask", "signed_constant", {"generator": "philox"}),
     ("supermask (u drawn before the step)", "supermask", "signed_constant", {}),
 ]
 

@@ -334,3 +334,51 @@ def test_policy_fused_path_matches_its_torch_path(policy, options, kind):
     (y, ds), (y_ref, ds_ref) = run("auto"), run("torch")
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ds, ds_ref, rtol=1e-5, atol=1e-6)
+
+
+SAMPLED_ISA_SCRIPT = r"""
+import hashlib, sys, torch, maskprune._C
+torch.set_num_threads(int(sys.argv[1]))
+C = torch.ops.maskprune
+g = torch.Generator().manual_seed(0)
+h = hashlib.sha256()
+for n in (1, 15, 17, 1000, 300 * 784 + 13):
+    w, s, u = torch.randn(n, generator=g), torch.randn(n, generator=g) * 30, torch.rand(n, generator=g)
+    grad = torch.randn(n, generator=g)
+    q, _, d = C.policy_mask(w, s, torch.tensor(0.0), "sampled", u)
+    ds = C.policy_score_grad(grad, w, s, "sampled", u)
+    ds_in_place = C.policy_linear_score_grad(grad.view(1, n), torch.ones(1, 1), w.view(n, 1), s.view(n, 1),
+                                             "sampled", u.view(n, 1))
+    for t in (q, d, ds, ds_in_place):
+        h.update(t.numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def _cpu_flags() -> str:
+    try:
+        return open("/proc/cpuinfo").read()
+    except OSError:
+        return ""
+
+
+@needs_cpp
+@pytest.mark.skipif(" avx2" not in _cpu_flags(), reason="needs an x86 CPU with AVX2 (to compare its pass with SSE2's)")
+def test_sampled_passes_agree_across_isas():
+    """supermask's float32 passes compiled for AVX-512F, AVX2 and the baseline (chosen at run time; forced down with
+    MASKPRUNE_NO_AVX512 / MASKPRUNE_NO_AVX2) give the same bytes, on one thread and on two (slices at odd places)."""
+    import os
+    import subprocess
+    import sys
+
+    isas = [("auto", {}), ("avx2", {"MASKPRUNE_NO_AVX512": "1"}),
+            ("baseline", {"MASKPRUNE_NO_AVX512": "1", "MASKPRUNE_NO_AVX2": "1"})]
+    digests = {}
+    for isa, env in isas:
+        for threads in ("1", "2"):
+            proc = subprocess.run([sys.executable, "-c", SAMPLED_ISA_SCRIPT, threads], capture_output=True,
+                                  text=True, env={**os.environ, **env}, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            digests[isa, threads] = proc.stdout.strip()
+    print("ran:", sorted(digests), "(auto is AVX-512F where the CPU has it)")
+    assert len(set(digests.values())) == 1, digests
