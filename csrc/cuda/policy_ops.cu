@@ -1,9 +1,8 @@
 // CUDA kernels of the mask policies' passes (issue 17): policy_mask, policy_score_grad and
 // policy_linear_score_grad, with the rules and outputs of the CPU passes (cpu/policy_ops.cpp, whose header lists
 // the modes; the oracle is maskprune.reference.policy_*). One elementwise pass each, grid-stride, on the current
-// stream, with t read from device memory (no host sync). The mode is a kernel argument, uniform over the grid,
-// not a template parameter (fewer instantiations for the same code), except supermask's sampled pass, a
-// kernel of its own (σ in float64 beside the other modes' paths spilled registers on sm_80).
+// stream, with t read from device memory (no host sync). One kernel per concern: the thresholded modes (the mode a
+// kernel argument, uniform over the grid), biprop's pass with its sums, supermask's sampled pass, the dS pass.
 //
 // biprop's α = ‖M ⊙ W‖₁ / ‖M‖₀ is summed in the mask pass: each block reduces its threads' float64 |W|·M and
 // int64 M sums in shared memory in a fixed order, and one thread adds the block sums in block order, so α is
@@ -49,42 +48,51 @@ __device__ __forceinline__ T sign_of(T v) {
   return T(v > T(0)) - T(v < T(0));
 }
 
+__device__ __forceinline__ float abs_of(float v) { return fabsf(v); }
+__device__ __forceinline__ double abs_of(double v) { return fabs(v); }
+
+// (The CPU's vectorised exp clamps its argument to [-87, 88], so σ(-100) is ~6e-39 there and 0 here: a mask bit
+// can differ only for u = 0.)
 __device__ __forceinline__ float sigmoid_of(float s) { return 1.0f / (1.0f + expf(-s)); }
 __device__ __forceinline__ double sigmoid_of(double s) { return 1.0 / (1.0 + exp(-s)); }
 
-// out = W_eff / α for a thresholded mode (Q: W ⊙ M, W ⊙ sign(S) ⊙ M, or sign(W) ⊙ M for "binary"); for "binary"
-// also the block's Σ|W|·M and Σ M into block_l1 / block_kept[blockIdx.x].
+// out = W ⊙ M for "topk" and "raw", W ⊙ sign(S) ⊙ M for "signed" (α = 1).
 template <typename score_t, typename weight_t, typename out_t>
 __global__ void __launch_bounds__(kThreads)
     policy_mask_kernel(const weight_t* __restrict__ weight, const score_t* __restrict__ scores,
-                       const score_t* __restrict__ t, int mode, out_t* __restrict__ out,
-                       double* __restrict__ block_l1, long long* __restrict__ block_kept, int64_t n) {
+                       const score_t* __restrict__ t, int mode, out_t* __restrict__ out, int64_t n) {
   using acc_t = acc_type<weight_t, out_t>;
   const auto m = static_cast<PolicyMode>(mode);
+  const score_t thr = *t;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const score_t s = scores[i];
+    const acc_t w = static_cast<acc_t>(weight[i]);
+    const acc_t k = (m == PolicyMode::kRaw ? s : abs_of(s)) >= thr ? acc_t(1) : acc_t(0);
+    out[i] = static_cast<out_t>(m == PolicyMode::kSigned ? w * (k * static_cast<acc_t>(sign_of(s))) : w * k);
+  }
+}
+
+// biprop: out = sign(W) ⊙ M (W_eff / α), and the block's Σ|W|·M and Σ M into block_l1 / block_kept[blockIdx.x]
+// (each thread's sums reduced in shared memory in a fixed order).
+template <typename score_t, typename weight_t, typename out_t>
+__global__ void __launch_bounds__(kThreads)
+    binary_mask_kernel(const weight_t* __restrict__ weight, const score_t* __restrict__ scores,
+                       const score_t* __restrict__ t, out_t* __restrict__ out, double* __restrict__ block_l1,
+                       long long* __restrict__ block_kept, int64_t n) {
+  using acc_t = acc_type<weight_t, out_t>;
   const score_t thr = *t;
   double l1 = 0.0;
   long long kept = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const score_t s = scores[i];
     const acc_t w = static_cast<acc_t>(weight[i]);
-    if (m == PolicyMode::kRaw) {
-      out[i] = static_cast<out_t>(w * (s >= thr ? acc_t(1) : acc_t(0)));
-    } else {
-      const bool keep = (s < score_t(0) ? -s : s) >= thr;
-      const acc_t k = keep ? acc_t(1) : acc_t(0);
-      if (m == PolicyMode::kBinary) {
-        out[i] = static_cast<out_t>(sign_of(w) * k);
-        l1 += keep ? static_cast<double>(w < acc_t(0) ? -w : w) : 0.0;
-        kept += keep ? 1 : 0;
-      } else if (m == PolicyMode::kSigned) {
-        out[i] = static_cast<out_t>(w * (k * static_cast<acc_t>(sign_of(s))));
-      } else {
-        out[i] = static_cast<out_t>(w * k);
-      }
-    }
+    const bool keep = abs_of(scores[i]) >= thr;
+    const acc_t k = keep ? acc_t(1) : acc_t(0);
+    out[i] = static_cast<out_t>(sign_of(w) * k);
+    l1 += static_cast<double>(abs_of(w) * k);  // |W|·M as on CPU: a NaN or inf W gives NaN
+    kept += keep ? 1 : 0;
   }
-  if (m != PolicyMode::kBinary) return;  // uniform over the grid: every thread of a block leaves here or none
   __shared__ double l1_of[kThreads];
   __shared__ long long kept_of[kThreads];
   l1_of[threadIdx.x] = l1;
@@ -194,10 +202,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_mask_cuda(const at::Tensor
         if (sampled) {
           policy_sampled_mask_kernel<score_t, weight_t, scalar_t><<<blocks, kThreads, 0, stream>>>(wp, sp, up, op,
                                                                                                    dp, n);
+        } else if (binary) {
+          binary_mask_kernel<score_t, weight_t, scalar_t><<<blocks, kThreads, 0, stream>>>(
+              wp, sp, tp, op, block_l1.mutable_data_ptr<double>(),
+              reinterpret_cast<long long*>(block_kept.mutable_data_ptr<int64_t>()), n);
         } else {
           policy_mask_kernel<score_t, weight_t, scalar_t><<<blocks, kThreads, 0, stream>>>(
-              wp, sp, tp, static_cast<int>(mode), op, binary ? block_l1.mutable_data_ptr<double>() : nullptr,
-              binary ? reinterpret_cast<long long*>(block_kept.mutable_data_ptr<int64_t>()) : nullptr, n);
+              wp, sp, tp, static_cast<int>(mode), op, n);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
