@@ -42,8 +42,8 @@ Mode parse_mode(c10::string_view mode) { return parse_policy_mode(mode); }
 constexpr int64_t kGrain = 1 << 15;
 
 void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor here (the policy ops have CPU kernels only), "
-                    "got ", t.device());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor in the CPU kernel of a policy op, got ",
+                    t.device());
 }
 
 // e^x for float32, branch-free and vectorisable (Cephes expf: |relative error| < 2 ulp on [-87, 88]); glibc's
