@@ -99,6 +99,33 @@ def mean_std(values) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
+def grid_search(lrs: list, evaluate, extend: int) -> tuple[float, float, list]:
+    """(best validation accuracy, its lr, the lrs tried, sorted): evaluate(lr) -> validation accuracy for each lr
+    of the grid; then, while the best lies at an edge (at most `extend` times), one lr more past that edge by the
+    grid's own ratio, so that every choice is an interior optimum or says it is not. The best starts as (-1, the
+    middle lr): kept if every run diverges (a NaN accuracy never compares greater)."""
+    best = (-1.0, lrs[len(lrs) // 2])
+    tried: dict[float, float] = {}
+
+    def one(lr: float) -> None:
+        nonlocal best
+        tried[lr] = evaluate(lr)
+        if tried[lr] > best[0]:
+            best = (tried[lr], lr)
+
+    for lr in lrs:
+        one(lr)
+    for _ in range(extend if len(lrs) > 1 else 0):
+        ordered = sorted(tried)
+        if best[1] == ordered[-1]:
+            one(round(best[1] * ordered[-1] / ordered[-2], 10))
+        elif best[1] == ordered[0]:
+            one(round(best[1] * ordered[0] / ordered[1], 10))
+        else:
+            break
+    return best[0], best[1], sorted(tried)
+
+
 def parse_list(text: str, kind=float) -> list:
     return [kind(v) for v in str(text).split(",") if v.strip()]
 

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (Results, accuracy, fit_policy, mean_std, option_list, run_dir, seed_everything,  # noqa: E402
-                     setup_threads)
+from _common import (Results, accuracy, fit_policy, grid_search, mean_std, option_list, run_dir,  # noqa: E402
+                     seed_everything, setup_threads)
 
 import maskprune  # noqa: E402
 from maskprune import data, masks, models  # noqa: E402
@@ -212,36 +212,20 @@ def _l2_text(l2: float | None) -> str:
 def choose_lr(task: str, policy: str, l2: float | None, lrs: list, splits, args, results) -> tuple:
     """(val_acc, lr, l2): the policy's lr chosen on validation (seed 0, --select-density) from its grid,
     extended at an edge (at most --grid-extend times), so every lr is an interior optimum or says it is not."""
-    best = (-1.0, lrs[len(lrs) // 2])  # kept if every grid point diverges (NaN never compares greater)
-    tried: dict[float, float] = {}
-
-    def select(lr: float) -> None:
-        nonlocal best
+    def evaluate(lr: float) -> float:
         run = train_one(task, policy, args.select_density, 0, lr, splits, args, l2)
         results.record["selection"].append({"task": task, "policy": policy, "lr": lr,
                                             **({} if l2 is None else {"l2": l2}), **run})
         results.write()
         print(f"[select] {task} {policy} lr={lr:g}{_l2_text(l2)} val {run['val_acc']:.4f}", flush=True)
-        tried[lr] = run["val_acc"]
-        if run["val_acc"] > best[0]:
-            best = (run["val_acc"], lr)
+        return run["val_acc"]
 
-    for lr in lrs if len(lrs) > 1 else ():
-        select(lr)
-    for _ in range(args.grid_extend if len(lrs) > 1 else 0):
-        ordered = sorted(tried)
-        if best[1] == ordered[-1]:
-            select(round(best[1] * ordered[-1] / ordered[-2], 10))
-        elif best[1] == ordered[0]:
-            select(round(best[1] * ordered[0] / ordered[1], 10))
-        else:
-            break
-    ordered = sorted(tried)
+    # a one-value grid is no choice: nothing runs for it
+    val, lr, ordered = grid_search(lrs, evaluate, args.grid_extend) if len(lrs) > 1 else (-1.0, lrs[0], [])
     results.record.setdefault("lr_choice", []).append(
-        {"task": task, "policy": policy, "lr": best[1], "val_acc": best[0], "grid": ordered,
-         "at_edge": len(ordered) > 1 and best[1] in (ordered[0], ordered[-1]),
-         **({} if l2 is None else {"l2": l2})})
-    return best[0], best[1], l2
+        {"task": task, "policy": policy, "lr": lr, "val_acc": val, "grid": ordered,
+         "at_edge": len(ordered) > 1 and lr in (ordered[0], ordered[-1]), **({} if l2 is None else {"l2": l2})})
+    return val, lr, l2
 
 
 def combine(items: list[str], folder: Path) -> dict:

@@ -51,8 +51,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (Results, accuracy, fit_policy, mean_std, option_list, run_dir, seed_everything,  # noqa: E402
-                     setup_threads)
+from _common import (Results, accuracy, fit_policy, grid_search, mean_std, option_list, run_dir,  # noqa: E402
+                     seed_everything, setup_threads)
 
 import maskprune  # noqa: E402
 from maskprune import data, models  # noqa: E402
@@ -241,11 +241,8 @@ class Experiment:
     def select(self, arm: str) -> float:
         """The lr with the best validation accuracy (seed 0), the grid extended at an edge."""
         lrs = GRIDS[arm][1][1:] if self.args.quick else GRIDS[arm][1]
-        tried: dict[float, float] = {}
-        best = (-1.0, lrs[len(lrs) // 2])  # kept if every run diverges (NaN never compares greater)
 
-        def one(lr: float) -> None:
-            nonlocal best
+        def one(lr: float) -> float:
             out = self.run(arm, 0, lr)
             if arm == "pretrain_mnist":
                 self.backbones.setdefault(-1, {})[lr] = out.pop("state")  # seed 0's backbone at this lr
@@ -253,31 +250,18 @@ class Experiment:
             self.results.record["selection"].append({"arm": arm, "seed": 0, "lr": lr, **out})
             self.results.write()
             tqdm.write(f"[select] {arm} lr={lr:g} val {out['val_acc']:.4f}")
-            tried[lr] = out["val_acc"]
-            if out["val_acc"] > best[0]:
-                best = (out["val_acc"], lr)
+            return out["val_acc"]
 
-        for lr in lrs:
-            one(lr)
-        for _ in range(self.args.grid_extend):
-            ordered = sorted(tried)
-            if best[1] == ordered[-1]:
-                one(round(best[1] * ordered[-1] / ordered[-2], 10))
-            elif best[1] == ordered[0]:
-                one(round(best[1] * ordered[0] / ordered[1], 10))
-            else:
-                break
-        ordered = sorted(tried)
+        val, lr, ordered = grid_search(lrs, one, self.args.grid_extend)
         self.results.record["lr_choice"].append(
-            {"arm": arm, "lr": best[1], "val_acc": best[0], "grid": ordered,
-             "at_edge": best[1] in (ordered[0], ordered[-1])})
+            {"arm": arm, "lr": lr, "val_acc": val, "grid": ordered, "at_edge": lr in (ordered[0], ordered[-1])})
         if arm == "pretrain_mnist":  # seed 0's backbone is the selection run at the chosen lr
-            self.pretrain_lr = best[1]
-            self.backbones[0] = self.backbones.pop(-1)[best[1]]
-            out = dict(self.cache[(arm, 0, best[1])])
-            self.results.record["pretrain"].append({"seed": 0, "lr": best[1], **out, "reused": True})
+            self.pretrain_lr = lr
+            self.backbones[0] = self.backbones.pop(-1)[lr]
+            out = dict(self.cache[(arm, 0, lr)])
+            self.results.record["pretrain"].append({"seed": 0, "lr": lr, **out, "reused": True})
             self.results.write()
-        return best[1]
+        return lr
 
     def finals(self, arm: str, lr: float) -> None:
         for seed in self.args.seeds:

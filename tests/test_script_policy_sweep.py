@@ -100,3 +100,17 @@ def test_combine_merges_runs_and_relabels(quick_run, tmp_path):
     bad = subprocess.run([sys.executable, str(SCRIPT), "--combine", str(tmp_path / "none.json"), "--out",
                           str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--combine" in bad.stderr and "is not a policy_sweep results.json" in bad.stderr
+
+
+def test_grid_search_extends_at_an_edge_and_keeps_the_middle_when_all_diverge():
+    """scripts/_common.grid_search, the lr choice both policy_sweep and pretrained_masks use."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from _common import grid_search
+
+    peak = lambda lr: 1 - abs(lr - 2.0) / 10  # noqa: E731  (an accuracy, best at 2: past the grid's upper edge)
+    assert grid_search([0.25, 0.5, 1.0], peak, extend=2) == (1.0, 2.0, [0.25, 0.5, 1.0, 2.0, 4.0])
+    assert grid_search([0.25, 0.5, 1.0], peak, extend=1) == (1.0, 2.0, [0.25, 0.5, 1.0, 2.0])
+    assert grid_search([1.0, 2.0, 4.0], peak, extend=2) == (1.0, 2.0, [1.0, 2.0, 4.0])  # interior: no more runs
+    assert grid_search([4.0, 8.0], peak, extend=1) == (1.0, 2.0, [2.0, 4.0, 8.0])  # extended below
+    val, lr, tried = grid_search([0.1, 0.3, 1.0], lambda lr: float("nan"), extend=2)
+    assert (val, lr, tried) == (-1.0, 0.3, [0.1, 0.3, 1.0])
