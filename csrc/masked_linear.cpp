@@ -59,6 +59,23 @@ at::Tensor call_masked_linear(const at::Tensor& x, const at::Tensor& weight, con
   return op.call(x, weight, scores, t, bias, abs_scores);
 }
 
+// gᵀX of a linear layer (out_features, in_features) in x's dtype, for the score-gradient passes to finish: on CPU
+// into the buffer cache (it becomes the scores' .grad, freed by zero_grad and reused next step), elsewhere a new
+// tensor. No autograd graph: out= GEMMs refuse inputs that require grad under grad mode (backward with
+// create_graph=True), and these backwards are not differentiable anyway.
+at::Tensor linear_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, int64_t out_features,
+                              int64_t in_features) {
+  // reshape(-1, 0) is ambiguous: spell the rows out (the product of the leading dimensions).
+  const int64_t rows = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
+  const auto g2d = grad_out.to(x.scalar_type()).reshape({rows, out_features});
+  const auto x2d = x.reshape({rows, in_features});
+  auto grad_weight = x.device().is_cpu() ? pooled_empty({out_features, in_features}, x.options())
+                                         : at::empty({out_features, in_features}, x.options());
+  at::NoGradGuard no_grad;
+  at::mm_out(grad_weight, g2d.t(), x2d);
+  return grad_weight;
+}
+
 namespace {
 
 // Whether the backward's dS pass can read the scores' packed signs (score_grad_signs_: CPU, |S| keys, a
@@ -138,19 +155,7 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad
     grad_x = at::matmul(g, call_apply_mask(weight, scores, t, abs_scores, x.scalar_type()));
   }
   if (need_grad_scores) {
-    // reshape(-1, 0) is ambiguous: spell the rows out (the product of the leading dimensions).
-    const int64_t rows = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
-    const auto g2d = g.reshape({rows, out_features});
-    const auto x2d = x.reshape({rows, in_features});
-    // On CPU into a cached buffer: it becomes the scores' .grad, freed by zero_grad and reused next step.
-    auto grad_weight = x.device().is_cpu() ? pooled_empty({out_features, in_features}, x.options())
-                                           : at::empty({out_features, in_features}, x.options());
-    {
-      // out= GEMMs refuse inputs that require grad under grad mode (backward with create_graph=True);
-      // this backward is not differentiable anyway.
-      at::NoGradGuard no_grad;
-      at::mm_out(grad_weight, g2d.t(), x2d);
-    }
+    const auto grad_weight = linear_weight_grad(g, x, out_features, in_features);  // g's cast is then a no-op
     grad_scores = score_grad_over(grad_weight, weight, scores, abs_scores, signs);
   }
   return {grad_x, grad_scores};
@@ -163,16 +168,7 @@ at::Tensor seed_linear_score_grad(const at::Tensor& grad_out, const at::Tensor& 
   TORCH_CHECK_VALUE(scores.dim() == 2, "scores must be 2-D (out_features, in_features), got shape ", scores.sizes());
   check_linear_shapes(x, scores);
   check_linear_grad_out(grad_out, x, scores);
-  const int64_t out_features = scores.size(0), in_features = scores.size(1);
-  const int64_t rows = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
-  const auto g2d = grad_out.to(x.scalar_type()).reshape({rows, out_features});
-  const auto x2d = x.reshape({rows, in_features});
-  auto grad_weight = x.device().is_cpu() ? pooled_empty({out_features, in_features}, x.options())
-                                         : at::empty({out_features, in_features}, x.options());
-  {
-    at::NoGradGuard no_grad;  // out= GEMMs refuse inputs that require grad under grad mode
-    at::mm_out(grad_weight, g2d.t(), x2d);
-  }
+  auto grad_weight = linear_weight_grad(grad_out, x, scores.size(0), scores.size(1));
   if (grad_weight.scalar_type() != at::kFloat) grad_weight = grad_weight.to(at::kFloat);
   static auto seed_grad = c10::Dispatcher::singleton()
                               .findSchemaOrThrow("maskprune::seed_score_grad_", "")

@@ -15,6 +15,9 @@ at::Tensor call_apply_mask(const at::Tensor& weight, const at::Tensor& scores, c
                            bool abs_scores, std::optional<at::ScalarType> dtype);
 at::Tensor call_score_grad(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& scores,
                            bool abs_scores);
+// gᵀX of a linear layer in x's dtype (on CPU in the buffer cache), for a score-gradient pass to finish in place.
+at::Tensor linear_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, int64_t out_features,
+                              int64_t in_features);
 
 // The threshold, threshold_and_mask and masked_linear ops, called through the dispatcher.
 at::Tensor call_threshold(const at::Tensor& scores, double density, bool abs_scores,

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../masked_linear.h"
 #include "../policy_args.h"
 #include "avx512_mask_pass.h"
 #include "buffer_pool.h"
@@ -396,18 +397,9 @@ at::Tensor policy_linear_score_grad_cpu(const at::Tensor& grad_out, const at::Te
   const Mode mode = parse_mode(mode_name);
   check_policy_linear_grad_args(grad_out, x, weight, scores, mode, u);
   check_cpu(x, "x");
-  const int64_t out_features = weight.size(0), in_features = weight.size(1);
-  const int64_t rows = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
-  const auto g2d = cast_to(grad_out, x.scalar_type()).reshape({rows, out_features});
-  const auto x2d = x.reshape({rows, in_features});
   const auto s = scores.contiguous();
-  const bool in_place = x.scalar_type() == s.scalar_type();
-  auto grad_weight = pooled_empty({out_features, in_features}, x.options());
-  {
-    at::NoGradGuard no_grad;
-    at::mm_out(grad_weight, g2d.t(), x2d);
-  }
-  auto out = in_place ? grad_weight : at::empty_like(s);
+  auto grad_weight = linear_weight_grad(grad_out, x, weight.size(0), weight.size(1));
+  auto out = x.scalar_type() == s.scalar_type() ? grad_weight : at::empty_like(s);
   score_grad_into(mode, grad_weight, weight.contiguous(), s, out);
   return out;
 }

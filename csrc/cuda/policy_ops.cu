@@ -22,6 +22,7 @@
 #include <type_traits>
 
 #include "../checks.h"
+#include "../masked_linear.h"
 #include "../policy_args.h"
 
 namespace maskprune {
@@ -272,16 +273,8 @@ at::Tensor policy_linear_score_grad_cuda(const at::Tensor& grad_out, const at::T
   check_policy_linear_grad_args(grad_out, x, weight, scores, mode, u);
   check_cuda(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t out_features = weight.size(0), in_features = weight.size(1);
-  const int64_t rows = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
-  const auto g2d = cast_to(grad_out, x.scalar_type()).reshape({rows, out_features});
-  const auto x2d = x.reshape({rows, in_features});
   const auto s = scores.contiguous();
-  at::Tensor grad_weight;
-  {
-    at::NoGradGuard no_grad;
-    grad_weight = at::mm(g2d.t(), x2d);
-  }
+  auto grad_weight = linear_weight_grad(grad_out, x, weight.size(0), weight.size(1));
   auto out = x.scalar_type() == s.scalar_type() ? grad_weight : at::empty_like(s);
   policy_score_grad_into(mode, grad_weight, weight.contiguous(), s, out);
   return out;
