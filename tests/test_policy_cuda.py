@@ -15,7 +15,8 @@ Tolerances, per mode and dtype:
 import pytest
 import torch
 
-from maskprune import ops, reference
+from maskprune import ops
+from policy_helpers import assert_masked_linear_matches_reference
 
 pytest.importorskip("maskprune._C", reason="maskprune._C is not built (pip install --no-build-isolation -e .)")
 
@@ -109,19 +110,7 @@ def test_policy_masked_linear_cpp_on_cuda_equals_reference(mode, x_dtype, monkey
     reference on the same GPU; cuBLAS's GEMMs in both (TF32 off), so the GEMM tolerances of test_ops_cuda."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     weight, scores, t, u = _cuda(*_inputs((37, 53), torch.float32, mode, seed=3))
-    x1 = torch.randn(4, 3, 53, device="cuda").to(x_dtype).requires_grad_()
-    x2 = x1.detach().clone().requires_grad_()
-    s1, s2 = scores.clone().requires_grad_(), scores.clone().requires_grad_()
-    bias = torch.randn(37, device="cuda")
-    want = reference.policy_masked_linear(x1, weight, s1, t, bias, mode, u)
-    got = ops.policy_masked_linear(x2, weight, s2, t, bias, mode=mode, u=u, backend="cpp")
-    tol = dict(rtol=2e-2, atol=2e-2) if x_dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got, want, **tol)
-    g = torch.randn_like(want)
-    want.backward(g)
-    got.backward(g)
-    torch.testing.assert_close(x2.grad, x1.grad, **tol)
-    torch.testing.assert_close(s2.grad, s1.grad, **tol)
+    assert_masked_linear_matches_reference(weight, scores, t, u, mode, x_dtype, backend="cpp")
 
 
 @pytest.mark.parametrize("mode", ops.POLICY_MODES)

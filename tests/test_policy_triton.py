@@ -13,6 +13,7 @@ import torch
 
 from maskprune import ops, reference
 from maskprune.nn import convert, masked_layers
+from policy_helpers import assert_masked_linear_matches_reference
 
 TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not TRITON or "triton" not in ops.BACKENDS,
@@ -75,20 +76,7 @@ def test_non_contiguous_inputs(mode):
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_policy_masked_linear_equals_reference(mode, x_dtype):
     weight, scores, t, u = _inputs((37, 53), torch.float32, mode, seed=3)
-    x1 = torch.randn(4, 3, 53, device=DEVICE).to(x_dtype).requires_grad_()
-    x2 = x1.detach().clone().requires_grad_()
-    s1, s2 = scores.clone().requires_grad_(), scores.clone().requires_grad_()
-    bias = torch.randn(37, device=DEVICE)
-    t_ref = t if t is not None else torch.zeros((), device=DEVICE)
-    want = reference.policy_masked_linear(x1, weight, s1, t_ref, bias, mode, u)
-    got = ops.policy_masked_linear(x2, weight, s2, t, bias, mode=mode, u=u, backend="triton")
-    tol = dict(rtol=2e-2, atol=2e-2) if x_dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got, want, **tol)
-    g = torch.randn_like(want)
-    want.backward(g)
-    got.backward(g)
-    torch.testing.assert_close(x2.grad, x1.grad, **tol)
-    torch.testing.assert_close(s2.grad, s1.grad, **tol)
+    assert_masked_linear_matches_reference(weight, scores, t, u, mode, x_dtype, backend="triton")
 
 
 @pytest.mark.parametrize("policy,options", [("signed", {}), ("biprop", {}), ("supermask", {"generator": "philox"}),
