@@ -484,6 +484,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: str | None = None
                 penalty = masks.policy_penalty(model) if cfg.mode == "mask" else None
                 optimizer.zero_grad(set_to_none=True)
                 (loss if penalty is None else loss + penalty).backward()
+                if cfg.mode == "mask":  # the policy's gradient terms (gem_miner's L2), in place
+                    masks.before_step_hooks(model)
                 optimizer.step()
                 scheduler.step()
                 if cfg.mode == "mask":  # the policy's hooks (clamps, redraws, ...), keyed by the global step

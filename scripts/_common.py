@@ -193,7 +193,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tenso
 def fit_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
                epochs: int, batch_size: int, seed: int, label: str | None = None) -> dict:
     """Mask training as maskprune's trainer runs a policy: the per-step cosine schedule, the policy's penalty
-    added to the cross-entropy, its step and epoch hooks, its finalize after the last epoch. Stops before the
+    added to the cross-entropy, its gradient, step and epoch hooks, its finalize after the last epoch. Stops before the
     step at a non-finite loss. Returns steps taken, whether it diverged, and the last epoch's mean loss.
 
     The order of examples depends only on (seed, epoch); with a `label`, a tqdm bar shows each epoch's loss."""
@@ -223,6 +223,7 @@ def fit_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            masks.before_step_hooks(model)
             optimizer.step()
             scheduler.step()
             step += 1

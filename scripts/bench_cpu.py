@@ -164,7 +164,8 @@ class PredrawnUniform:
 
 
 def policy_step(model, x, y):
-    """A trainer's step (maskprune.train): loss + the policy's penalty, backward, SGD, the policy's hooks."""
+    """A trainer's step (maskprune.train): loss + the policy's penalty, backward, the policy's gradient hook, SGD,
+    its step hook."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     count = [0]
@@ -174,6 +175,7 @@ def policy_step(model, x, y):
         penalty = masks.policy_penalty(model)
         opt.zero_grad(set_to_none=True)
         (loss if penalty is None else loss + penalty).backward()
+        masks.before_step_hooks(model)
         opt.step()
         count[0] += 1
         masks.step_hooks(model, count[0])

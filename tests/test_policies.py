@@ -248,19 +248,45 @@ def test_threshold_policy_is_strict_and_straight_through():
     assert not policy.mask(layer)[0, 0] and torch.equal(policy.mask(layer), layer.scores.detach() > 0.05)
 
 
-def test_gem_miner_penalty_is_one_node_with_the_l2_gradient():
-    """λ Σ‖p‖² over all the policy's layers in one autograd node; its gradient 2λ g p reaches every layer's scores
-    (g: the upstream factor, e.g. a GradScaler's scale), in each score tensor's dtype."""
-    from maskprune.masks.gem_miner import L2Penalty
-    a = torch.rand(5, 7, requires_grad=True)
-    b = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)
-    penalty = L2Penalty.apply(1e-3, a, b)
-    assert penalty.dtype == torch.float32 and penalty.dim() == 0
-    assert torch.allclose(penalty.double(), 1e-3 * ((a.double() ** 2).sum() + (b ** 2).sum()), rtol=1e-6)
-    (3.0 * penalty).backward()
-    assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float64
-    assert torch.allclose(a.grad, 6e-3 * a.detach()) and torch.allclose(b.grad, 6e-3 * b.detach())
-    assert type(penalty.grad_fn).__name__ == "L2PenaltyBackward"
+def test_gem_miner_l2_gradient_equals_the_loss_term():
+    """before_step adds 2λp to every layer's score gradient in place: the gradient of the loss term λ Σ‖p‖², so
+    the optimizer step equals the one with the penalty in the loss."""
+    layers = [_layer(seed=0), _layer(out_f=9, in_f=5, seed=1)]
+    policy = masks.make_policy("gem_miner", layers, 0.25, l2=1e-3)
+    x0, x1 = _x(6, 7), _x(6, 5)
+
+    def data_loss():
+        return policy.linear(layers[0], x0).square().sum() + policy.linear(layers[1], x1).square().sum()
+
+    data_loss().backward()
+    grads = [l.scores.grad.clone() for l in layers]
+    storage = [l.scores.grad.data_ptr() for l in layers]
+    policy.before_step(layers)
+    for layer, g, ptr in zip(layers, grads, storage):
+        assert layer.scores.grad.data_ptr() == ptr  # in place
+        assert torch.allclose(layer.scores.grad, g + 2e-3 * layer.scores.detach(), rtol=1e-6, atol=0)
+    for layer in layers:  # the same gradient from the loss term, through autograd
+        layer.scores.grad = None
+    (data_loss() + 1e-3 * sum((l.scores ** 2).sum() for l in layers)).backward()
+    reference = [l.scores.grad for l in layers]
+    for layer in layers:
+        layer.scores.grad = None
+    data_loss().backward()
+    masks.before_step_hooks(nn.Sequential())  # a model without masked layers: nothing to do
+    policy.before_step(layers)
+    for layer, ref in zip(layers, reference):
+        assert torch.allclose(layer.scores.grad, ref, rtol=1e-5, atol=1e-7)
+    layers[0].scores.grad = None  # a layer without a gradient is skipped, the others still get the term
+    before = layers[1].scores.grad.clone()
+    policy.before_step(layers)
+    assert layers[0].scores.grad is None and torch.allclose(layers[1].scores.grad, before + 2e-3 * layers[1].scores)
+    assert policy.regularization(layers) is None  # no loss term: the L2 is a gradient hook
+    off = masks.make_policy("gem_miner", [_layer(seed=2)], 0.25, l2=0.0)
+    data_loss_off = off.linear(off.layers[0], x0).sum()
+    data_loss_off.backward()
+    g = off.layers[0].scores.grad.clone()
+    off.before_step(off.layers)
+    assert torch.equal(off.layers[0].scores.grad, g)
 
 
 def test_gem_miner_rule_hooks_and_freezing():
@@ -272,8 +298,6 @@ def test_gem_miner_rule_hooks_and_freezing():
     y, ds, _ = _grads(lambda x: policy.linear(layers[0], x), layers[0], x)
     y_ref, ds_ref = _ste_identity_reference(layers[0], x, lambda s: s > 0.5)
     assert torch.allclose(y, y_ref) and torch.allclose(ds, ds_ref)
-    penalty = policy.regularization(layers)
-    assert torch.allclose(penalty, 1e-3 * sum((l.scores.double() ** 2).sum() for l in layers).float())
     with torch.no_grad():
         layers[0].scores[0, 0], layers[0].scores[0, 1] = 1.7, -0.3
     policy.after_step(layers, 1)
@@ -528,6 +552,7 @@ def test_short_mnist_run_learns(mnist, name, options, optimizer, lr, floor):
                 loss = loss + penalty
             opt.zero_grad()
             loss.backward()
+            masks.before_step_hooks(model)
             opt.step()
             step += 1
             masks.step_hooks(model, step)

@@ -91,6 +91,25 @@ def test_train_runs_every_policy(tmp_path, policy):
         assert summary["kept_fraction"] <= 0.5 + 1e-3
 
 
+def test_train_adds_gem_miners_l2_gradient_between_backward_and_step(tmp_path, monkeypatch):
+    """The trainer calls before_step once per optimizer step, with the scores' gradients present and the step not
+    yet taken (gem_miner's 2λp lands in the gradient the optimizer uses)."""
+    calls = []
+    original = masks.GemMiner.before_step
+
+    def spy(self, layers):
+        assert all(layer.scores.grad is not None for layer in layers)
+        before = [layer.scores.grad.clone() for layer in layers]
+        original(self, layers)
+        calls.append(all(torch.allclose(layer.scores.grad, g + 2 * self.l2 * layer.scores.detach())
+                         for layer, g in zip(layers, before)))
+
+    monkeypatch.setattr(masks.GemMiner, "before_step", spy)
+    cfg = TrainConfig(**TINY, policy="gem_miner", policy_options="l2=0.001", lr=0.01, optimizer="adam")
+    train(cfg, tmp_path / "gem", quiet=True)
+    assert len(calls) == 2 * (512 // 64) and all(calls)
+
+
 @pytest.mark.parametrize("policy", ["iterand", "supermask", "gem_miner"])
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch, policy):
     cfg = TrainConfig(**{**TINY, "epochs": 3}, policy=policy, policy_options=OPTS.get(policy, ""),

@@ -16,9 +16,9 @@ and make_policy accept.
 """
 from .base import LayerSetPolicy, MaskPolicy, Option, check_options
 from .biprop import Biprop
-from .factory import (ALL_POLICIES, POLICY_CLASSES, attach, epoch_hooks, finalize_policies, format_options,
-                      load_policy_state, make_policy, parse_options, policy_groups, policy_options, policy_penalty,
-                      policy_state, step_hooks)
+from .factory import (ALL_POLICIES, POLICY_CLASSES, attach, before_step_hooks, epoch_hooks, finalize_policies,
+                      format_options, load_policy_state, make_policy, parse_options, policy_groups, policy_options,
+                      policy_penalty, policy_state, step_hooks)
 from .gem_miner import GemMiner, subnetwork_for_finetuning
 from .iterand import IteRand
 from .signed import SignedSupermask
@@ -32,5 +32,5 @@ POLICIES = ALL_POLICIES
 __all__ = ["MaskPolicy", "LayerSetPolicy", "Option", "check_options", "LayerwiseTopK", "GlobalTopK", "LAYERWISE",
            "Supermask", "BernoulliSTE", "Biprop", "SignedSupermask", "IteRand", "GemMiner", "FixedThreshold",
            "subnetwork_for_finetuning", "POLICIES", "ALL_POLICIES", "POLICY_CLASSES", "make_policy",
-           "policy_options", "parse_options", "format_options", "policy_groups", "step_hooks", "epoch_hooks",
-           "finalize_policies", "policy_penalty", "policy_state", "load_policy_state", "attach"]
+           "policy_options", "parse_options", "format_options", "policy_groups", "before_step_hooks", "step_hooks",
+           "epoch_hooks", "finalize_policies", "policy_penalty", "policy_state", "load_policy_state", "attach"]

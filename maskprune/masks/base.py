@@ -10,6 +10,8 @@ trainer make without knowing which policy runs:
                                         (parametrized weights, to_dense, tests)
     policy.mask(layer)                  the current mask, no gradient: bool, or int8 {-1, 0, 1} (signed)
     policy.masked_weight(layer, W)      W_eff of the found subnetwork, no gradient (to_dense)
+    policy.before_step(layers)          after backward, before the optimizer step: gradient terms added to
+                                        the scores' .grad in place (gem_miner's L2)
     policy.after_step(layers, step) / on_epoch_end(layers, epoch) / finalize(layers)
                                         the trainer's hooks: after every optimizer step (`step` = optimizer
                                         steps done so far, 1-based), after every epoch (`epoch` = epochs
@@ -74,8 +76,12 @@ class MaskPolicy:
 
     # -- the trainer's hooks --------------------------------------------------------------------
     def regularization(self, layers: Sequence) -> torch.Tensor | None:
-        """A term to add to the training loss (None: none)."""
+        """A term to add to the training loss (None: none; no built-in policy has one, see before_step)."""
         return None
+
+    def before_step(self, layers: Sequence) -> None:
+        """Called after backward, before the optimizer step (after a GradScaler's unscale_): adds the policy's
+        gradient terms to its scores' .grad in place, which costs less than a loss term's autograd node."""
 
     def after_step(self, layers: Sequence, step: int) -> None:
         """Called after every optimizer step; `step` counts the steps done (1-based)."""

@@ -1,10 +1,11 @@
 """make_policy (by name, with checked options), option strings for configs, and the trainer's hooks over a model.
 
 The hooks group a model's masked tensors by the policy they share and call each policy once with its
-layers, so a training loop runs any policy with four calls and no knowledge of which one it is:
+layers, so a training loop runs any policy with these calls and no knowledge of which one it is:
 
     loss = loss + policy_penalty(model)          (when it is not None)
-    ...; optimizer.step(); step_hooks(model, step)
+    loss.backward(); before_step_hooks(model)    gradient terms (gem_miner's L2), before the step
+    optimizer.step(); step_hooks(model, step)
     epoch_hooks(model, epoch)                    after each epoch
     finalize_policies(model)                     when training ends
     policy_state(model) / load_policy_state(model, state)   with the checkpoint
@@ -111,6 +112,12 @@ def policy_groups(model: nn.Module) -> list[tuple[MaskPolicy, list]]:
         policy = t.masker.mask_policy
         groups.setdefault(id(policy), (policy, []))[1].append(t.masker)
     return list(groups.values())
+
+
+def before_step_hooks(model: nn.Module) -> None:
+    """After backward, before optimizer.step(): every policy's before_step (gradient terms added in place)."""
+    for policy, layers in policy_groups(model):
+        policy.before_step(layers)
 
 
 def step_hooks(model: nn.Module, step: int) -> None:

@@ -6,15 +6,16 @@ Source read: ksreenivasan/pruning_is_enough: utils/conv_type.py (`GetSubnet` for
 `get_regularization_loss`), configs/hypercube/resnet20/resnet20_target_sparsity_50.yml (defaults).
 
 Rule. Each weight has a score p, kept in [0, 1] by clamping after every optimizer step (`after_step`).
-M = 1[p > 1/2] ⊙ flag: `flag` is 0 for frozen weights. Training loss += λ ‖p‖² (`regularization`,
-their `regularization: L2`, `lmbda`). Every `freeze_every` epochs (their `iter_period`; not after the
-last epoch) the lowest ⌈r · n_active⌉ scores among the still active weights of all the policy's layers
-are frozen out, with r = 1 - exp(ln(density) / N), N = ⌊(epochs - 1) / freeze_every⌋ freezings: after the
-last one at most `density` of the weights remain active (their `get_prune_rate`). `finalize` rounds the
-scores to {0, 1} (their naive rounding).
+M = 1[p > 1/2] ⊙ flag: `flag` is 0 for frozen weights. Training loss += λ ‖p‖² (their `regularization:
+L2`, `lmbda`), applied as its gradient: `before_step` adds 2λp to the scores' gradients after backward (the
+same update as the loss term, without its autograd node; the penalty's value is not in the logged loss).
+Every `freeze_every` epochs (their `iter_period`; not after the last epoch) the lowest ⌈r · n_active⌉ scores
+among the still active weights of all the policy's layers are frozen out, with r = 1 - exp(ln(density) / N),
+N = ⌊(epochs - 1) / freeze_every⌋ freezings: after the last one at most `density` of the weights remain active
+(their `get_prune_rate`). `finalize` rounds the scores to {0, 1} (their naive rounding).
 
-Gradient. Straight through the rounding: dS = W ⊙ ∂L/∂W_eff (+ 2λp from the penalty). Here the forward
-is the fused op with raw keys and t = nextafter(1/2) (S >= t ⇔ S > 1/2). Their flag gates the gradient of
+Gradient. Straight through the rounding: dS = W ⊙ ∂L/∂W_eff (+ 2λp from the penalty, `before_step`). Here the
+forward is the fused op with raw keys and t = nextafter(1/2) (S >= t ⇔ S > 1/2). Their flag gates the gradient of
 frozen scores to 0; here a frozen score is set to 0 when frozen and reset to 0 after every step instead,
 so it never reaches the forward (p = 0 <= 1/2) and the model's scores alone give the mask (best.pt needs
 no policy state). The active scores follow exactly their updates.
@@ -39,28 +40,6 @@ import torch.nn as nn
 from .base import RawThresholdPolicy, choice_option, constant_threshold, fill_scores, float_option, int_option
 
 
-class L2Penalty(torch.autograd.Function):
-    """λ Σ ‖p‖² over several score tensors as one float32 0-d tensor (as `λ * sum((p.float() ** 2).sum())`), in
-    one autograd node: forward one dot product per tensor, backward one foreach pass 2λ g p (a node per tensor,
-    and autograd's own version of the expression, cost several passes and nodes per layer every step)."""
-
-    @staticmethod
-    def forward(ctx, l2: float, *scores: torch.Tensor) -> torch.Tensor:
-        ctx.l2 = l2
-        ctx.save_for_backward(*scores)
-        total = None
-        for s in scores:
-            flat = s.detach().reshape(-1).float()
-            dot = torch.dot(flat, flat)
-            total = dot if total is None else total + dot
-        return total * l2
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        scores = ctx.saved_tensors
-        return (None, *torch._foreach_mul(scores, grad * (2 * ctx.l2)))
-
-
 class GemMiner(RawThresholdPolicy):
     """M = 1[p > 1/2] over clamped scores p ∈ [0, 1]; λ‖p‖²; periodic freezing; final rounding."""
 
@@ -69,7 +48,7 @@ class GemMiner(RawThresholdPolicy):
         "epochs": int_option(None, 1, None, "the run's epochs (sets the freezing schedule); None: no freezing",
                              allow_none=True),
         "freeze_every": int_option(8, 1, None, "epochs between two freezings (their iter_period)"),
-        "l2": float_option(1e-5, 0.0, 1.0, "λ of the penalty λ‖p‖² added to the loss"),
+        "l2": float_option(1e-5, 0.0, 1.0, "λ of the penalty λ‖p‖² (its gradient 2λp added by before_step)"),
         "score_init": choice_option("uniform", ("uniform", "half", "keep"), "initial scores: U[0,1], 0.5, as they are"),
     }
 
@@ -104,10 +83,14 @@ class GemMiner(RawThresholdPolicy):
     def mask(self, layer) -> torch.Tensor:
         return (layer.scores > 0.5) & self.flags[self.layer_index(layer)]
 
-    def regularization(self, layers: Sequence) -> torch.Tensor | None:
-        if self.l2 == 0:
-            return None
-        return L2Penalty.apply(self.l2, *(layer.scores for layer in layers)) if layers else None
+    @torch.no_grad()
+    def before_step(self, layers: Sequence) -> None:
+        """Adds the penalty's gradient 2λp to the scores' gradients, in place: one foreach pass, where λ‖p‖² as a
+        loss term cost a dot product per layer, an autograd node, a new gradient tensor and autograd's sum."""
+        pairs = [(layer.scores.grad, layer.scores) for layer in layers if layer.scores.grad is not None]
+        if self.l2 and pairs:
+            grads, scores = (list(t) for t in zip(*pairs))
+            torch._foreach_add_(grads, scores, alpha=2 * self.l2)
 
     @torch.no_grad()
     def after_step(self, layers: Sequence, step: int) -> None:
