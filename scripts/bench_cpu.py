@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -33,9 +33,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import maskprune
-from maskprune import masks
-from maskprune.masks import supermask as supermask_module
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_name  # noqa: E402
+
+import maskprune  # noqa: E402
+from maskprune import masks  # noqa: E402
+from maskprune.masks import supermask as supermask_module  # noqa: E402
 
 
 class SortSubnet(torch.autograd.Function):
@@ -331,7 +334,7 @@ def main() -> None:
     if args.seed_memory_child:
         print(json.dumps(seed_memory_child(args.seed_memory_child, widths, args.batch, args.density, args.steps + 2)))
         return
-    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "maskprune": maskprune.__version__,
                "backend": maskprune.ops.available_backends("cpu")[0]}
     seed = None if args.only_policies else seed_rows(widths, args.batch, args.density, args.rounds, args.steps,
