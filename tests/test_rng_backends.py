@@ -351,8 +351,11 @@ def test_supermask_fused_op_opcheck_and_bad_input():
 
 
 @needs_cpp_op
-def test_cpp_scalar_path_equals_avx2_path():
-    """MASKPRUNE_PHILOX_AVX2=0 (read once per process) runs the scalar loop: the same bits as the reference."""
+@pytest.mark.parametrize("path, env_var", [("scalar", "MASKPRUNE_PHILOX_AVX2=0"), ("avx2", "MASKPRUNE_NO_AVX512=1")])
+def test_cpp_philox_paths_equal_the_reference(path, env_var):
+    """Each forced Philox path (read once per process: MASKPRUNE_PHILOX_AVX2=0 the scalar loop,
+    MASKPRUNE_NO_AVX512=1 at most AVX2; the default, AVX-512F where the CPU has it, is tested above) gives the
+    reference's bits, across the 2^32 carry of the element index."""
     import subprocess
     import sys
     code = ("import torch; from maskprune import rng\n"
@@ -363,6 +366,7 @@ def test_cpp_scalar_path_equals_avx2_path():
             "    d = (a.view(torch.int32).long() - b.view(torch.int32).long()).abs()\n"
             "    assert int(d.max()) <= (1 if init == 'kaiming_normal' else 0), init\n"
             "print('ok')\n")
-    env = {**os.environ, "MASKPRUNE_PHILOX_AVX2": "0"}
+    name, value = env_var.split("=")
+    env = {**os.environ, name: value}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]

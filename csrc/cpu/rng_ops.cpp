@@ -20,6 +20,7 @@
 
 #include "../philox.h"
 #include "../rng_args.h"
+#include "avx512_mask_pass.h"
 #include "buffer_pool.h"
 
 namespace maskprune {
@@ -69,7 +70,6 @@ MASKPRUNE_TARGET_AVX2 inline void philox8(uint64_t base, uint32_t layer, uint32_
   if (x1 != nullptr) _mm256_storeu_si256(reinterpret_cast<__m256i*>(x1), c1);
 }
 
-// AVX2 when the CPU has it, unless MASKPRUNE_PHILOX_AVX2=0 (read once; the tests check both paths).
 // philox8 twice, interleaved (elements base .. base + 15): two independent dependency chains per round keep
 // the multiplier busy while the other chain's shifts and blends run.
 MASKPRUNE_TARGET_AVX2 inline void philox16(uint64_t base, uint32_t layer, uint32_t stream, uint32_t k0, uint32_t k1,
@@ -110,28 +110,92 @@ MASKPRUNE_TARGET_AVX2 inline void philox16(uint64_t base, uint32_t layer, uint32
   }
 }
 
-bool use_avx2() {
-  static const bool yes = [] {
-    const char* off = std::getenv("MASKPRUNE_PHILOX_AVX2");
-    return __builtin_cpu_supports("avx2") && !(off != nullptr && std::strcmp(off, "0") == 0);
-  }();
-  return yes;
+// The words x0 (and x1) of elements base .. base + 31: philox16's two interleaved chains on 16-lane AVX-512F
+// vectors (vpmuludq on 512 bits, the halves blended back under a lane mask). The 32 elements must share the
+// high word of their index (the caller checks).
+// (The all-lanes maskz forms are the plain instructions; GCC 12's plain intrinsics pass an "undefined" vector
+// that -Wmaybe-uninitialized reports at every inlining.)
+MASKPRUNE_TARGET_AVX512 inline void mulhilo16(__m512i m, __m512i a, __m512i& hi, __m512i& lo) {
+  constexpr __mmask8 kAll = 0xFF;
+  const __m512i even = _mm512_maskz_mul_epu32(kAll, a, m);
+  const __m512i odd = _mm512_maskz_mul_epu32(kAll, _mm512_maskz_srli_epi64(kAll, a, 32), m);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_maskz_slli_epi64(kAll, odd, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_maskz_srli_epi64(kAll, even, 32), odd);
 }
 
-// fill_values' AVX2 path: the words of a block into small buffers, then the values (compiled for AVX2 too).
-template <philox::Dist kDist>
-MASKPRUNE_TARGET_AVX2 void fill_values_avx2(float* __restrict__ dst, int64_t n, uint64_t base, const CounterArgs& a) {
+MASKPRUNE_TARGET_AVX512 inline void philox32(uint64_t base, uint32_t layer, uint32_t stream, uint32_t k0, uint32_t k1,
+                                             uint32_t* x0, uint32_t* x1) {
+  const __m512i mul_a = _mm512_set1_epi32(static_cast<int>(philox::kMulA));
+  const __m512i mul_b = _mm512_set1_epi32(static_cast<int>(philox::kMulB));
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base)));
+  __m512i a0 = _mm512_add_epi32(lo, iota), b0 = _mm512_add_epi32(a0, _mm512_set1_epi32(16));
+  __m512i a1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base >> 32))), b1 = a1;
+  __m512i a2 = _mm512_set1_epi32(static_cast<int>(layer)), b2 = a2;
+  __m512i a3 = _mm512_set1_epi32(static_cast<int>(stream)), b3 = a3;
+  for (int r = 0; r < philox::kRounds; ++r) {
+    if (r) {
+      k0 += philox::kBumpA;
+      k1 += philox::kBumpB;
+    }
+    const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0)), key1 = _mm512_set1_epi32(static_cast<int>(k1));
+    __m512i ahi0, alo0, ahi1, alo1, bhi0, blo0, bhi1, blo1;
+    mulhilo16(mul_a, a0, ahi0, alo0);
+    mulhilo16(mul_a, b0, bhi0, blo0);
+    mulhilo16(mul_b, a2, ahi1, alo1);
+    mulhilo16(mul_b, b2, bhi1, blo1);
+    a0 = _mm512_xor_si512(_mm512_xor_si512(ahi1, a1), key0);
+    b0 = _mm512_xor_si512(_mm512_xor_si512(bhi1, b1), key0);
+    a1 = alo1;
+    b1 = blo1;
+    a2 = _mm512_xor_si512(_mm512_xor_si512(ahi0, a3), key1);
+    b2 = _mm512_xor_si512(_mm512_xor_si512(bhi0, b3), key1);
+    a3 = alo0;
+    b3 = blo0;
+  }
+  _mm512_storeu_si512(x0, a0);
+  _mm512_storeu_si512(x0 + 16, b0);
+  if (x1 != nullptr) {
+    _mm512_storeu_si512(x1, a1);
+    _mm512_storeu_si512(x1 + 16, b1);
+  }
+}
+
+// Which Philox path fill_values takes, decided once: AVX-512F (32 elements a call) where the CPU has it and
+// MASKPRUNE_NO_AVX512 is unset, else AVX2 (16), else scalar; MASKPRUNE_PHILOX_AVX2=0 forces scalar. Every path
+// computes the same integers (the tests compare each with the reference).
+enum class PhiloxIsa { kScalar, kAvx2, kAvx512 };
+
+PhiloxIsa philox_isa() {
+  static const PhiloxIsa isa = [] {
+    const char* off = std::getenv("MASKPRUNE_PHILOX_AVX2");
+    if (!__builtin_cpu_supports("avx2") || (off != nullptr && std::strcmp(off, "0") == 0)) return PhiloxIsa::kScalar;
+    return avx512::enabled() ? PhiloxIsa::kAvx512 : PhiloxIsa::kAvx2;
+  }();
+  return isa;
+}
+
+// fill_values' vector paths: the words of a block into small buffers (kWidth elements a Philox call where the
+// block's indices allow, then 8, then one), then the values. Inlined into a function compiled for the ISA, so
+// the value loop is vectorised for it too.
+template <philox::Dist kDist, int kWidth>
+__attribute__((always_inline)) inline void fill_values_vector(float* __restrict__ dst, int64_t n, uint64_t base,
+                                                              const CounterArgs& a) {
   constexpr int64_t kWords = 256;
   constexpr bool kTwo = kDist == philox::Dist::kKaimingNormal;
   const uint32_t k0 = static_cast<uint32_t>(a.seed), k1 = static_cast<uint32_t>(a.seed >> 32);
-  alignas(32) uint32_t x0[kWords], x1[kWords];
+  alignas(64) uint32_t x0[kWords], x1[kWords];
   for (int64_t b = 0; b < n; b += kWords) {
     const int64_t m = std::min(kWords, n - b);
     for (int64_t j = 0; j < m;) {
       const uint64_t i = base + static_cast<uint64_t>(b + j);
-      if (j + 16 <= m && static_cast<uint32_t>(i) <= 0xFFFFFFFFu - 15) {  // no carry into the high word
-        philox16(i, a.layer, a.stream, k0, k1, x0 + j, kTwo ? x1 + j : nullptr);
-        j += 16;
+      if (j + kWidth <= m && static_cast<uint32_t>(i) <= 0xFFFFFFFFu - (kWidth - 1)) {  // no carry into the high word
+        if constexpr (kWidth == 32) {
+          philox32(i, a.layer, a.stream, k0, k1, x0 + j, kTwo ? x1 + j : nullptr);
+        } else {
+          philox16(i, a.layer, a.stream, k0, k1, x0 + j, kTwo ? x1 + j : nullptr);
+        }
+        j += kWidth;
       } else if (j + 8 <= m && static_cast<uint32_t>(i) <= 0xFFFFFFFFu - 7) {
         philox8(i, a.layer, a.stream, k0, k1, x0 + j, kTwo ? x1 + j : nullptr);
         j += 8;
@@ -149,6 +213,17 @@ MASKPRUNE_TARGET_AVX2 void fill_values_avx2(float* __restrict__ dst, int64_t n, 
     for (int64_t j = 0; j < m; ++j) dst[b + j] = philox::value_of(kDist, {x0[j], x1[j], 0, 0}, a.step);
   }
 }
+
+template <philox::Dist kDist>
+MASKPRUNE_TARGET_AVX2 void fill_values_avx2(float* __restrict__ dst, int64_t n, uint64_t base, const CounterArgs& a) {
+  fill_values_vector<kDist, 16>(dst, n, base, a);
+}
+
+template <philox::Dist kDist>
+MASKPRUNE_TARGET_AVX512 void fill_values_avx512(float* __restrict__ dst, int64_t n, uint64_t base,
+                                                const CounterArgs& a) {
+  fill_values_vector<kDist, 32>(dst, n, base, a);
+}
 #endif
 
 // out[j] = value of element base + j for j in [0, n): the float32 values go straight into a float32 out,
@@ -157,7 +232,11 @@ MASKPRUNE_TARGET_AVX2 void fill_values_avx2(float* __restrict__ dst, int64_t n, 
 template <philox::Dist kDist>
 void fill_values(float* __restrict__ dst, int64_t n, uint64_t base, const CounterArgs& a) {
 #ifdef MASKPRUNE_PHILOX_AVX2
-  if (use_avx2()) return fill_values_avx2<kDist>(dst, n, base, a);
+  switch (philox_isa()) {
+    case PhiloxIsa::kAvx512: return fill_values_avx512<kDist>(dst, n, base, a);
+    case PhiloxIsa::kAvx2: return fill_values_avx2<kDist>(dst, n, base, a);
+    case PhiloxIsa::kScalar: break;
+  }
 #endif
   const uint32_t k0 = static_cast<uint32_t>(a.seed), k1 = static_cast<uint32_t>(a.seed >> 32);
   for (int64_t j = 0; j < n; ++j) {
