@@ -11,8 +11,9 @@ the scores).
 Then one row per mask policy (maskprune.masks): a trainer's step of a lenet300-like MLP (784-300-100-10, batch
 128, `--policy-widths` / `--policy-batch`) with that policy (forward, loss + the policy's penalty, backward, SGD
 step, the policy's step hooks) over the dense step of the same MLP, measured in the same process in interleaved
-rounds (median over rounds). supermask is measured twice: as it runs, and with its uniform draw u made before the
-timed step (the draw alone is then the difference). `--profile` prints, per policy, where the step's time goes
+rounds (median over rounds). supermask is measured three times: as it runs by default (generator "philox", the
+draw fused into the mask pass in C++), with generator "torch", and with "torch" and its uniform draw u made before
+the timed step (the draw alone is then the difference). `--profile` prints, per policy, where the step's time goes
 (torch.profiler, self CPU time per op).
 First, seed mode (issue 18 §3, `--only-seed` for these rows alone): the --widths MLP's training step dense, masked
 over stored weights, and masked in seed mode (W regenerated inside the mask and dS passes), in interleaved rounds;
@@ -146,9 +147,9 @@ POLICY_ROWS = [
     ("signed", "signed", "signed_constant", {}),
     ("biprop (signed-constant weights)", "biprop", "signed_constant", {}),
     ("biprop (kaiming-normal weights)", "biprop", "kaiming_normal", {}),
-    ("supermask", "supermask", "signed_constant", {}),
-    ("supermask (philox draw fused in C++)", "supermask", "signed_constant", {"generator": "philox"}),
-    ("supermask (u drawn before the step)", "supermask", "signed_constant", {}),
+    ("supermask (philox, the default: draw fused in C++)", "supermask", "signed_constant", {}),
+    ("supermask (generator torch)", "supermask", "signed_constant", {"generator": "torch"}),
+    ("supermask (u drawn before the step)", "supermask", "signed_constant", {"generator": "torch"}),
 ]
 
 

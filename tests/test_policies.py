@@ -61,16 +61,17 @@ def _manual_linear_grads(w_eff, x, y_shape):
 # supermask
 # ------------------------------------------------------------------------------------------------
 
-def test_supermask_forward_and_gradient_match_the_rule():
+@pytest.mark.parametrize("generator", ["philox", "torch"])
+def test_supermask_forward_and_gradient_match_the_rule(generator):
     layer = _layer()
-    policy = masks.make_policy("supermask", [layer], 0.4, seed=3)
+    policy = masks.make_policy("supermask", [layer], 0.4, seed=3, generator=generator)
     with torch.no_grad():  # scores init is a constant logit(0.4); spread them so σ differs per weight
         layer.scores.copy_(_x(*layer.scores.shape, seed=2))
     policy.after_step([layer], 5)
     x = _x(6, 7)
     y, ds, dx = _grads(lambda x: policy.linear(layer, x), layer, x)
     # reference (Zhou et al.: M = 1[u < σ(S)], dS = σ'(S) ⊙ W ⊙ dL/dW_eff), u drawn with the same key
-    u = uniform_draw(layer.scores.shape, layer.scores.device, generator="torch", seed=3, step=5, layer=0, draw=0)
+    u = uniform_draw(layer.scores.shape, layer.scores.device, generator=generator, seed=3, step=5, layer=0, draw=0)
     s = layer.scores.detach()
     p = torch.sigmoid(s)
     m = (u.double() < p).double()
@@ -84,16 +85,17 @@ def test_supermask_forward_and_gradient_match_the_rule():
     assert not torch.equal(m1, (w * m) != 0)
 
 
-def test_supermask_dynamic_scaling_gradient_as_their_graph():
+@pytest.mark.parametrize("generator", ["philox", "torch"])
+def test_supermask_dynamic_scaling_gradient_as_their_graph(generator):
     layer = _layer(density=0.5)
-    policy = masks.make_policy("supermask", [layer], 0.5, dynamic_scaling=True)
+    policy = masks.make_policy("supermask", [layer], 0.5, dynamic_scaling=True, generator=generator)
     with torch.no_grad():
         layer.scores.copy_(_x(*layer.scores.shape, seed=4))
     x = _x(3, 7)
     y, ds, _ = _grads(lambda x: policy.linear(layer, x), layer, x)
     # their TF graph: mask = sample + σ(S) - sg(σ(S)); multiplier = n / sum(mask); W_eff = multiplier·W·mask
     s = layer.scores.detach().clone().requires_grad_(True)
-    u = uniform_draw(s.shape, s.device, generator="torch", seed=0, step=0, layer=0, draw=0).double()
+    u = uniform_draw(s.shape, s.device, generator=generator, seed=0, step=0, layer=0, draw=0).double()
     sig = torch.sigmoid(s)
     mask = (u < sig).double() + sig - sig.detach()
     w_eff = (s.numel() / mask.sum()) * layer.weight * mask
@@ -115,6 +117,29 @@ def test_supermask_draws_are_keyed_and_philox_is_rng():
     p = uniform_draw(shape, torch.device("cpu"), generator="philox", seed=1, step=2, layer=3, draw=1)
     x0, = rng.random_words(0, math.prod(shape), seed=1 | (2 << 32), layer=3, stream=SUPERMASK_STREAM + 1, words=1)
     assert torch.equal(p, ((x0 >> 8).to(torch.float32) * 2.0 ** -24).reshape(shape))
+
+
+def test_supermask_default_generator_is_philox_and_old_torch_runs_resume_with_torch():
+    """"philox" is the default; a state saved with "torch" (the default until 2026-12-06) turns a policy made
+    without the option back to "torch", so the resumed run draws as it did; an explicit option must match."""
+    layer = _layer()
+    policy = masks.make_policy("supermask", [layer], 0.4, seed=3)
+    assert policy.generator == "philox" and policy.options["generator"] == "philox"
+    old = masks.make_policy("supermask", [_layer()], 0.4, seed=3, generator="torch")
+    old.after_step(old.layers, 7)
+    policy.load_state_dict(old.state_dict())
+    assert policy.generator == "torch" and policy.step == 7
+    policy.after_step([layer], 8)
+    torch_u = uniform_draw(layer.scores.shape, layer.scores.device, generator="torch", seed=3, step=8, layer=0, draw=0)
+    w = layer.weight.detach()
+    expected = w * (torch_u.to(layer.scores.dtype) < torch.sigmoid(layer.scores.detach())).to(w.dtype)
+    assert torch.equal(policy.effective_weight(layer).detach(), expected)
+    explicit = masks.make_policy("supermask", [_layer()], 0.4, seed=3, generator="philox")
+    with pytest.raises(ValueError, match="options="):
+        explicit.load_state_dict(old.state_dict())
+    again = masks.make_policy("supermask", [_layer()], 0.4, seed=3)  # a philox state resumes as philox
+    again.load_state_dict(masks.make_policy("supermask", [_layer()], 0.4, seed=3).state_dict())
+    assert again.generator == "philox"
 
 
 @pytest.mark.parametrize("generator", ["torch", "philox"])
@@ -420,7 +445,7 @@ def test_iterand_needs_an_init_for_pretrained_weights():
     ("supermask", {"seed": -1}, r"option seed must be an int in \[0, 4294967296\), got -1"),
     ("supermask", {"eval_mask": "mean"}, "option eval_mask must be one of sample, expected, got 'mean'"),
     ("supermask", {"dynamic_scaling": 1}, "option dynamic_scaling must be True or False, got 1"),
-    ("supermask", {"generator": "numpy"}, "option generator must be one of torch, philox"),
+    ("supermask", {"generator": "numpy"}, "option generator must be one of philox, torch"),
     ("supermask", {"score_init": float("nan")}, r"option score_init must be a number in \[-30, 30\] or None"),
     ("iterand", {"period": 0}, "option period must be an int >= 1, got 0"),
     ("iterand", {"prob": 1.5}, r"option prob must be a number in \[0, 1\], got 1.5"),

@@ -17,12 +17,12 @@ dS = σ'(S) ⊙ W ⊙ ∂L/∂W_eff with σ' = σ(1 - σ) (here a torch.autograd
 dynamic scaling their multiplier n / Σ(sample + σ - sg(σ)) also carries a gradient to every score; the
 same happens here, because the multiplier is computed from the Function's output (autograd adds
 -n/(ΣM)² · Σ(W ⊙ M ⊙ g) · σ'(S) to every dS).
-On CPU without dynamic scaling (and with the "torch" generator; "philox" below) the layer runs the fused
-op's "sampled" mode (ops.policy_masked_linear /
-policy_apply_mask, u an input): one pass writes W ⊙ 1[u < σ(S)] (σ from a vectorised float32 exp within 2 ulp of
-torch's, so a weight whose u lies within a few ulp of σ(S) may fall the other way than under torch.sigmoid), and
-dS = σ'(S) ⊙ W ⊙ g is one pass over the weight-gradient GEMM's output. Elsewhere (CUDA, Triton: no kernel of
-that mode yet; dynamic scaling) the torch path (`BernoulliSTE`).
+Without dynamic scaling the layer runs the fused op's "sampled" mode (ops.policy_masked_linear /
+policy_apply_mask, u an input; C++ on CPU, Triton on CUDA, CUDA C++ with backend="cpp"): one pass writes
+W ⊙ 1[u < σ(S)] (σ from a vectorised float32 exp within 2 ulp of torch's, so a weight whose u lies within a few
+ulp of σ(S) may fall the other way than under torch.sigmoid), and dS = σ'(S) ⊙ W ⊙ g is one pass over the
+weight-gradient GEMM's output; on CPU with "philox" and float32 tensors the draw and the mask are one C++ pass
+instead (FusedPhiloxMask, below). With dynamic scaling (or backend="torch") the torch path (`BernoulliSTE`).
 
 Defaults. Their scores start at the constant `sigmoid_bias` (default 0: σ = 0.5, half the weights kept
 in expectation). Here the constant is `score_init`, default logit(density), so that the expected
@@ -33,21 +33,22 @@ The draw. u is keyed by (seed, step, layer, draw): `step` is the optimizer steps
 after_step hook), `draw` counts this layer's training forwards within the step (usually 0), and the
 evaluation mask uses a reserved step key. So a resumed run draws exactly the masks of an uninterrupted
 one, and DDP ranks draw the same mask. Two generators (option `generator`):
-  - "torch" (default): a torch.Generator on the scores' device seeded from a 63-bit hash of the key.
-    Fast (one torch.rand), but torch's CPU (mt19937) and CUDA (Philox) generators give different
-    numbers for the same seed: a CPU and a CUDA run draw different masks with the same statistics.
-    Tests on these compare mask statistics (kept fraction against E[σ(S)]), not bits.
-  - "philox": maskprune.rng's Philox4x32-10 (stream 1 + draw, key (seed, step), i.e. the 64-bit seed
-    seed + 2^32 step): the same u bits on every device and backend (the compare u < σ(S) can still differ
-    where σ rounds differently, i.e. where u is within a float32 ulp of σ(S)). Drawn by rng.uniform's
+  - "philox" (default): a counter-based generator, maskprune.rng's Philox4x32-10 (stream 1 + draw, key
+    (seed, step), i.e. the 64-bit seed seed + 2^32 step): the same u bits on every device and backend (the
+    compare u < σ(S) can still differ where σ rounds differently, i.e. where u is within a float32 ulp of σ(S)). Drawn by rng.uniform's
     "auto" backend: the C++ kernel on CPU (maskprune._C), CUDA or Triton on GPU, else the torch integer
     ops (about 50x slower than "torch" on CPU: 0.18 s for LeNet-300-100's 266k weights on one core).
     A CPU training forward with float32 scores and a frozen float32 weight (no dynamic scaling) draws
     and masks in one C++ pass instead (FusedPhiloxMask, bit-identical): measured on one core, a
     LeNet-300-100 step (batch 128) takes 1.62x a dense step (4.05 ms against 2.50 ms), against 1.99x
     with "torch" and 1.98x with the unfused C++ draw (scripts/bench_rng.py). The draw alone, one
-    Philox4x32-10 per weight (~2.5 ns each with AVX2 there; 2.8 ns with AVX-512F, 5.75 with AVX2 on an Intel Xeon),
-    is a quarter of the dense step there.
+    Philox4x32-10 per weight (~2.5 ns each with AVX2 there; on an Intel Xeon 2.8 ns with AVX-512F, 5.75 ns
+    with AVX2), is a quarter of the dense step there.
+  - "torch": a torch.Generator on the scores' device seeded from a 63-bit hash of the key (the default until
+    2026-12-06; a run saved with it, without the option given, resumes with it). torch's CPU (mt19937) and CUDA
+    (Philox) generators give different numbers for the same seed: a CPU and a CUDA run draw different masks with
+    the same statistics, so tests on it compare mask statistics (kept fraction against E[σ(S)]), not bits. On
+    CPU it is also the slower draw (~7 ns per weight on an Intel Xeon, 2.24x dense against 1.84x for "philox").
 """
 from __future__ import annotations
 
@@ -146,8 +147,9 @@ class Supermask(LayerSetPolicy):
         "dynamic_scaling": bool_option(False, "multiply W_eff by n / nnz(M) (Zhou et al.'s dynamic scaling)"),
         "score_init": float_option(None, -30.0, 30.0, "constant initial score; None: logit(density)",
                                    allow_none=True),
-        "generator": choice_option("torch", ("torch", "philox"),
-                                   "torch: fast, differs between CPU and CUDA; philox: same bits everywhere"),
+        "generator": choice_option("philox", ("philox", "torch"),
+                                   "philox: counter-based, the same bits on every device; torch: torch.rand, whose "
+                                   "CPU and CUDA generators differ"),
     }
 
     def __init__(self, layers: Sequence, density: float, **options) -> None:
@@ -155,6 +157,7 @@ class Supermask(LayerSetPolicy):
         o = self.options
         self.seed, self.eval_mask, self.dynamic_scaling = o["seed"], o["eval_mask"], o["dynamic_scaling"]
         self.generator = o["generator"]
+        self._generator_given = "generator" in options  # else the default, which a resumed "torch" run overrides
         if o["score_init"] is None:
             d = min(max(self.density, 1e-6), 1 - 1e-6)
             fill_scores(self.layers, math.log(d / (1 - d)))
@@ -245,6 +248,11 @@ class Supermask(LayerSetPolicy):
         return {**super().state_dict(), "step": self.step, "draws": dict(self._draws)}
 
     def load_state_dict(self, state: Mapping) -> None:
+        saved = state.get("options") if isinstance(state, Mapping) else None
+        if (isinstance(saved, Mapping) and saved.get("generator") == "torch" and self.generator != "torch"
+                and not self._generator_given):  # saved when "torch" was the default: it goes on drawing as it did
+            self.generator = "torch"
+            self.options = {**self.options, "generator": "torch"}
         super().load_state_dict(state)
         self.step = int(state["step"])
         self._draws = {int(k): int(v) for k, v in state["draws"].items()}
