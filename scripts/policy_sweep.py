@@ -38,6 +38,7 @@ from _common import (Results, accuracy, fit_policy, grid_search, mean_std, optio
 import maskprune  # noqa: E402
 from maskprune import data, masks, models  # noqa: E402
 from maskprune.nn import masked_layers  # noqa: E402
+from maskprune.nn.init import SCORE_INITS  # noqa: E402
 
 TASKS = {"lenet300-mnist": ("lenet300", "mnist"), "conv4-fashion": ("conv4", "fashion-mnist")}
 POLICIES = ("layerwise", "global", "supermask", "biprop", "signed", "iterand", "gem_miner", "threshold")
@@ -83,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scale-fan", action=argparse.BooleanOptionalAction, default=True,
                    help="edge-popup's fan scaling of the weights for the density (off: scaled for the full fan-in, "
                         "e.g. for supermask's dynamic_scaling, which rescales by the kept fraction itself)")
+    p.add_argument("--score-init", default="kaiming_uniform", choices=SCORE_INITS,
+                   help="the layers' initial scores (policies that set their own, supermask, gem_miner, threshold, "
+                        "keep theirs); 'uniform' gives every layer scores of one scale, which `global` needs on conv4")
     p.add_argument("--policy-options", action="append", default=[], metavar="POLICY=KEY=VALUE,...",
                    help="options of one policy for every run (repeatable), e.g. supermask=dynamic_scaling=True")
     p.add_argument("--gem-l2", default="1e-8,1e-6,1e-5,1e-4",
@@ -139,7 +143,8 @@ def train_one(task: str, policy_name: str, density: float, seed: int, lr: float,
     arch, _ = TASKS[task]
     seed_everything(seed)
     model = models.create(arch, num_classes=splits.num_classes, in_shape=splits.in_shape, bias=False)
-    maskprune.convert(model, density, weight_init="signed_constant", scale_fan=args.scale_fan)
+    maskprune.convert(model, density, weight_init="signed_constant", scale_fan=args.scale_fan,
+                      score_init=args.score_init)
     layers = [layer for _, layer in masked_layers(model)]
     options = {}
     if policy_name == "iterand":

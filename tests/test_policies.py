@@ -652,3 +652,23 @@ def test_a_deep_copy_keeps_its_own_layer_keys(name):
     assert torch.equal(twin_policy.mask(twin_layers[1]), policy.mask(layers[1]))
     with pytest.raises(ValueError, match="was not made for this layer"):
         twin_policy.layer_index(layers[0])
+
+
+def test_global_warns_once_when_its_first_cut_empties_a_layer():
+    """conv4 with kaiming_uniform scores at density 0.1: one threshold over all layers keeps none of the
+    6272-fan-in classifier layer (its scores are the smallest), which leaves the network at chance; the
+    policy says so once, naming the layer, and stays silent with scores of one scale (score_init="uniform")."""
+    import warnings
+    torch.manual_seed(0)
+    model = models.create("conv4", num_classes=10, in_shape=(1, 28, 28), bias=False)
+    maskprune.convert(model, 0.1, policy="global", weight_init="signed_constant", scale_fan=True)
+    x = torch.randn(2, 1, 28, 28)
+    with pytest.warns(RuntimeWarning, match=r"keeps no weight of layer 4 \(scores \(256, 6272\)\)"):
+        model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x)  # once
+        uniform = models.create("conv4", num_classes=10, in_shape=(1, 28, 28), bias=False)
+        maskprune.convert(uniform, 0.1, policy="global", weight_init="signed_constant", scale_fan=True,
+                          score_init="uniform")
+        uniform(x)

@@ -25,6 +25,7 @@ def test_every_policy_density_and_seed_is_there(quick_run):
     assert record["status"] == "done" and record["wall_time_s"] > 0
     cfg = record["config"]
     assert cfg["quick"] is True and cfg["tasks"] == ["lenet300-mnist"] and cfg["densities"] == [0.1, 0.5]
+    assert cfg["score_init"] == "kaiming_uniform"  # edge-popup's scores unless --score-init says otherwise
     assert set(cfg["policies"]) == {"layerwise", "global", "supermask", "biprop", "signed", "iterand", "gem_miner",
                                     "threshold"}
     keys = {(p["task"], p["policy"], p["density"], p["seed"]) for p in record["points"]}
@@ -73,6 +74,7 @@ def test_every_policy_density_and_seed_is_there(quick_run):
     ("--gem-l2", "1e-5,2", r"--gem-l2: every value must be in \[0.0, 1.0\], got 2.0"),
     ("--policy-options", "supermask=bogus=1", r"--policy-options supermask: .*unknown option\(s\) \['bogus'\]"),
     ("--policy-options", "popup=a=1", "--policy-options: unknown policy 'popup'"),
+    ("--score-init", "normal", "argument --score-init: invalid choice: 'normal'"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(tmp_path, flag, value, message):
     proc = subprocess.run([sys.executable, str(SCRIPT), flag, value, "--out", str(tmp_path / "x")], cwd=REPO,

@@ -9,6 +9,7 @@ first). A layer-wise MaskedLinear gets its new threshold from its forward op its
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -44,6 +45,22 @@ class GlobalTopK(MaskPolicy):
         self.abs_scores = abs_scores
         self.backend = backend
         self._cache = None
+        self._checked = False  # whether the first threshold was checked for layers it empties
+
+    def _warn_empty_layers(self, t: torch.Tensor) -> None:
+        """Warns, once, where the first global cut keeps no weight of a layer: one threshold over scores of
+        different scales (kaiming_uniform scores shrink as 1/sqrt(fan-in)) can empty the widest layer, and a
+        layer whose output is 0 passes no gradient back through its ReLU, so the network stays at chance."""
+        empty = []
+        with torch.no_grad():
+            for index, layer in enumerate(self.layers):
+                key = layer.scores.abs() if self.abs_scores else layer.scores
+                if not bool((key >= t.to(key.dtype)).any()):
+                    empty.append(f"layer {index} (scores {tuple(layer.scores.shape)})")
+        if empty:
+            warnings.warn(f"mask policy 'global' at density {self.density}: the global threshold keeps no weight of "
+                          f"{', '.join(empty)}, so no signal passes through it; use scores of one scale across "
+                          f"layers (score_init='uniform') or policy='layerwise'", RuntimeWarning, stacklevel=3)
 
     def threshold(self, layer=None) -> torch.Tensor:
         scores = [l.scores for l in self.layers]
@@ -53,6 +70,9 @@ class GlobalTopK(MaskPolicy):
             return compute()
         cached = _refresh(self._cache, _cache_key(scores, self.density, self.abs_scores), compute)
         _store(self.__dict__, "_cache", cached)
+        if not self._checked:
+            self._checked = True
+            self._warn_empty_layers(cached[1])
         return cached[1]
 
 
