@@ -16,6 +16,10 @@ policy_sweep.png (test accuracy against the measured kept fraction per task, mea
 density asked for is a constraint for the top-k rules, a target for gem_miner and an initial value for supermask
 and threshold, which learn theirs).
 
+`--policies ...,dense` adds the anchor: the same network (no biases, PyTorch's default init) with its weights
+trained, SGD with momentum 0.9, its lr chosen on validation from its own grid like every policy; one run per seed
+(density 1), the budget, schedule and data of the mask runs.
+
     python scripts/policy_sweep.py --quick          # smoke run, < 1 min on one CPU core
     python scripts/policy_sweep.py --run full-cpu   # the full comparison (hours on CPU)
     python scripts/policy_sweep.py --combine A/results.json B/results.json@supermask+dws --run all
@@ -42,6 +46,7 @@ from maskprune.nn.init import SCORE_INITS  # noqa: E402
 
 TASKS = {"lenet300-mnist": ("lenet300", "mnist"), "conv4-fashion": ("conv4", "fashion-mnist")}
 POLICIES = ("layerwise", "global", "supermask", "biprop", "signed", "iterand", "gem_miner", "threshold")
+DENSE = "dense"  # the anchor: the same network with its weights trained (not in the default --policies)
 # (optimizer, learning-rate grid) per policy: SGD with momentum 0.9 for the top-k rules (edge-popup's 0.1 in the
 # middle), SGD at Zhou et al.'s lr 100 scale for supermask, Adam for the [0, 1] and thresholded scores.
 GRIDS = {
@@ -53,6 +58,7 @@ GRIDS = {
     "iterand": ("sgd", (0.03, 0.1, 0.3)),
     "gem_miner": ("adam", (0.003, 0.01, 0.03)),
     "threshold": ("adam", (0.0003, 0.001, 0.003)),
+    DENSE: ("sgd", (0.01, 0.03, 0.1)),
 }
 
 
@@ -67,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="smoke run: lenet300/MNIST, 600 images, 2 epochs of batch 64, densities 0.1,0.5, 1 seed, "
                         "2 lrs per grid")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"of {', '.join(TASKS)}")
-    p.add_argument("--policies", default=",".join(POLICIES), help=f"of {', '.join(POLICIES)}")
+    p.add_argument("--policies", default=",".join(POLICIES),
+                   help=f"of {', '.join(POLICIES)}, and {DENSE} (the weights trained: the anchor)")
     p.add_argument("--densities", default="0.05,0.1,0.3,0.5")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=10, help="the budget of every run")
@@ -96,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output folder (default results/policy_sweep/<run>)")
     args = p.parse_args(argv)
     args.tasks = option_list(p, "--tasks", args.tasks, str, accepted=TASKS, what="task")
-    args.policies = option_list(p, "--policies", args.policies, str, accepted=POLICIES, what="policy")
+    args.policies = option_list(p, "--policies", args.policies, str, accepted=(*POLICIES, DENSE), what="policy")
     args.densities = option_list(p, "--densities", args.densities, float, low=1e-4, high=1.0)
     args.seeds = option_list(p, "--seeds", args.seeds, int, low=0, high=2 ** 31)
     grids = {}
@@ -143,6 +150,8 @@ def train_one(task: str, policy_name: str, density: float, seed: int, lr: float,
     arch, _ = TASKS[task]
     seed_everything(seed)
     model = models.create(arch, num_classes=splits.num_classes, in_shape=splits.in_shape, bias=False)
+    if policy_name == DENSE:
+        return _train_dense(model, seed, lr, splits, args)
     maskprune.convert(model, density, weight_init="signed_constant", scale_fan=args.scale_fan,
                       score_init=args.score_init)
     layers = [layer for _, layer in masked_layers(model)]
@@ -175,6 +184,21 @@ def train_one(task: str, policy_name: str, density: float, seed: int, lr: float,
             "test_acc": float("nan") if diverged else accuracy(model, test_x, test_y),
             "kept_fraction": kept / total_weights, "steps": step, "train_seconds": round(seconds, 2),
             "diverged": diverged}
+
+
+def _train_dense(model: torch.nn.Module, seed: int, lr: float, splits, args) -> dict:
+    """The anchor run: `model`'s weights trained with the mask runs' budget, schedule and batch order."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    x, y = _limit(splits.train_x, splits.train_y, args.train_limit)
+    t0 = time.perf_counter()
+    run = fit_policy(model, optimizer, x, y, epochs=args.epochs, batch_size=args.batch_size, seed=seed)
+    seconds = time.perf_counter() - t0
+    val_x, val_y = _limit(splits.val_x, splits.val_y, args.val_limit)
+    test_x, test_y = _limit(splits.test_x, splits.test_y, args.test_limit)
+    diverged = run["diverged"]
+    return {"val_acc": float("nan") if diverged else accuracy(model, val_x, val_y),
+            "test_acc": float("nan") if diverged else accuracy(model, test_x, test_y),
+            "kept_fraction": 1.0, "steps": run["steps"], "train_seconds": round(seconds, 2), "diverged": diverged}
 
 
 def plot(record: dict, path: Path) -> None:
@@ -284,7 +308,7 @@ def main(argv=None) -> int:
             choices = [choose_lr(task, policy, l2, config["grids"][policy]["lrs"], splits, args, results)
                        for l2 in (args.gem_l2 if policy == "gem_miner" else [None])]
             _, lr, l2 = max(choices, key=lambda c: c[0])  # the best (lr, λ) on validation
-            for density in args.densities:
+            for density in ([1.0] if policy == DENSE else args.densities):
                 for seed in args.seeds:
                     run = train_one(task, policy, density, seed, lr, splits, args, l2)
                     results.add({"task": task, "policy": policy, "density": density, "seed": seed, "lr": lr,

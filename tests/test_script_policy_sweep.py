@@ -64,6 +64,22 @@ def test_every_policy_density_and_seed_is_there(quick_run):
     assert (quick_run / "policy_sweep.png").stat().st_size > 10_000
 
 
+def test_dense_anchor_trains_the_weights_once_per_seed(tmp_path):
+    """--policies dense: the same network with its weights trained, its lr chosen on validation from its own grid,
+    one point per seed at density 1 whatever --densities says."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--policies", "dense", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["config"]["grids"]["dense"]["optimizer"] == "sgd"
+    (point,) = record["points"]
+    assert point["policy"] == "dense" and point["density"] == 1.0 and point["kept_fraction"] == 1.0
+    assert point["steps"] == 20
+    best = max(record["selection"], key=lambda s: s["val_acc"])
+    assert point["lr"] == best["lr"]
+    assert point["test_acc"] > 0.5  # 20 steps of dense SGD on 600 MNIST images: 0.69 here (chance 0.10)
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--policies", "layerwise,popup", "--policies: unknown policy 'popup'"),
     ("--densities", "0.5,2", r"--densities: every value must be in \[0.0001, 1.0\], got 2.0"),
