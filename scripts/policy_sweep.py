@@ -60,6 +60,17 @@ GRIDS = {
     "threshold": ("adam", (0.0003, 0.001, 0.003)),
     DENSE: ("sgd", (0.01, 0.03, 0.1)),
 }
+OPTIMIZERS = ("sgd", "adam")
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    """SGD with momentum 0.9 (no weight decay) or Adam at its defaults, the two the grids use."""
+    return torch.optim.SGD(params, lr=lr, momentum=0.9) if name == "sgd" else torch.optim.Adam(params, lr=lr)
+
+
+def optimizer_name(policy: str, args) -> str:
+    """The policy's optimizer: --optimizer's choice, else the one its grid names."""
+    return args.optimizer.get(policy, GRIDS[policy][0])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,6 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--select-density", type=float, default=0.1, help="density at which each lr grid is searched")
     p.add_argument("--grid", action="append", default=[], metavar="POLICY=LR,LR,...",
                    help="replace one policy's lr grid (repeatable), e.g. gem_miner=0.1,0.3,1")
+    p.add_argument("--optimizer", action="append", default=[], metavar="POLICY=sgd|adam",
+                   help="replace one policy's optimizer (repeatable; give its --grid too), e.g. dense=adam")
     p.add_argument("--iterand-period", type=int, default=300, help="IteRand's K (optimizer steps between redraws)")
     p.add_argument("--scale-fan", action=argparse.BooleanOptionalAction, default=True,
                    help="edge-popup's fan scaling of the weights for the density (off: scaled for the full fan-in, "
@@ -109,10 +122,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     grids = {}
     for item in args.grid:
         policy, _, lrs = item.partition("=")
-        if policy not in POLICIES:
-            p.error(f"--grid: unknown policy {policy!r} in {item!r}; accepted: {', '.join(POLICIES)}")
+        if policy not in GRIDS:
+            p.error(f"--grid: unknown policy {policy!r} in {item!r}; accepted: {', '.join(GRIDS)}")
         grids[policy] = option_list(p, "--grid", lrs, float, low=1e-8, high=1e4)
     args.grid = grids
+    optimizers = {}
+    for item in args.optimizer:
+        policy, _, name = item.partition("=")
+        if policy not in GRIDS:
+            p.error(f"--optimizer: unknown policy {policy!r} in {item!r}; accepted: {', '.join(GRIDS)}")
+        if name not in OPTIMIZERS:
+            p.error(f"--optimizer: unknown optimizer {name!r} in {item!r}; accepted: {', '.join(OPTIMIZERS)}")
+        optimizers[policy] = name
+    args.optimizer = optimizers
     options = {}
     for item in args.policy_options:
         policy, _, text = item.partition("=")
@@ -166,10 +188,7 @@ def train_one(task: str, policy_name: str, density: float, seed: int, lr: float,
         options = {"seed": seed}
     policy = masks.make_policy(policy_name, layers, density, **{**options, **args.policy_options.get(policy_name, {})})
     masks.attach(model, policy)
-    optimizer_name, _ = GRIDS[policy_name]
-    params = [layer.scores for layer in layers]
-    optimizer = (torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer_name == "sgd"
-                 else torch.optim.Adam(params, lr=lr))
+    optimizer = make_optimizer(optimizer_name(policy_name, args), [layer.scores for layer in layers], lr)
     x, y = _limit(splits.train_x, splits.train_y, args.train_limit)
     t0 = time.perf_counter()
     run = fit_policy(model, optimizer, x, y, epochs=args.epochs, batch_size=args.batch_size, seed=seed)
@@ -188,7 +207,7 @@ def train_one(task: str, policy_name: str, density: float, seed: int, lr: float,
 
 def _train_dense(model: torch.nn.Module, seed: int, lr: float, splits, args) -> dict:
     """The anchor run: `model`'s weights trained with the mask runs' budget, schedule and batch order."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    optimizer = make_optimizer(optimizer_name(DENSE, args), model.parameters(), lr)
     x, y = _limit(splits.train_x, splits.train_y, args.train_limit)
     t0 = time.perf_counter()
     run = fit_policy(model, optimizer, x, y, epochs=args.epochs, batch_size=args.batch_size, seed=seed)
@@ -296,7 +315,7 @@ def main(argv=None) -> int:
         return 0
     setup_threads(args.threads)
     config = {k: v for k, v in vars(args).items() if k not in ("run", "out")}
-    config["grids"] = {p: {"optimizer": GRIDS[p][0],
+    config["grids"] = {p: {"optimizer": optimizer_name(p, args),
                            "lrs": args.grid.get(p) or list(GRIDS[p][1][1:] if args.quick else GRIDS[p][1])}
                        for p in args.policies}
     results = Results(folder, config)

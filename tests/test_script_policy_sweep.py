@@ -80,7 +80,22 @@ def test_dense_anchor_trains_the_weights_once_per_seed(tmp_path):
     assert point["test_acc"] > 0.5  # 20 steps of dense SGD on 600 MNIST images: 0.69 here (chance 0.10)
 
 
+def test_optimizer_flag_switches_the_dense_anchor_to_adam(tmp_path):
+    """--optimizer dense=adam with its own --grid: the config records Adam and the lrs, and the run learns."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--policies", "dense", "--optimizer", "dense=adam",
+                           "--grid", "dense=0.001,0.003", "--grid-extend", "0", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["config"]["grids"]["dense"] == {"optimizer": "adam", "lrs": [0.001, 0.003]}
+    assert sorted(s["lr"] for s in record["selection"]) == [0.001, 0.003]
+    (point,) = record["points"]
+    assert point["test_acc"] > 0.5  # 20 Adam steps on 600 MNIST images (chance 0.10)
+
+
 @pytest.mark.parametrize("flag, value, message", [
+    ("--optimizer", "dense=rmsprop", "--optimizer: unknown optimizer 'rmsprop'"),
+    ("--optimizer", "popup=adam", "--optimizer: unknown policy 'popup'"),
     ("--policies", "layerwise,popup", "--policies: unknown policy 'popup'"),
     ("--densities", "0.5,2", r"--densities: every value must be in \[0.0001, 1.0\], got 2.0"),
     ("--epochs", "0", "--epochs: must be >= 1, got 0"),
