@@ -230,8 +230,10 @@ def plot(record: dict, path: Path) -> None:
         return
     tasks = record["config"]["tasks"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+    # tab20 and a marker per ten rows: more than ten rows (a combined file) stay told apart
+    colors, markers = plt.get_cmap("tab20").colors, "osD^v"
     for ax, task in zip(axes[0], tasks):
-        for policy in record["config"]["policies"]:
+        for index, policy in enumerate(record["config"]["policies"]):
             pts = [p for p in record["points"] if p["task"] == task and p["policy"] == policy]
             densities = sorted({p["density"] for p in pts})
             if not densities:
@@ -241,7 +243,8 @@ def plot(record: dict, path: Path) -> None:
             stats = [mean_std(p["test_acc"] for p in pts if p["density"] == d) for d in densities]
             means = [100 * m for m, _ in stats]
             spreads = [100 * s for _, s in stats]
-            ax.errorbar(kept, means, yerr=spreads, marker="o", capsize=3, label=policy)
+            ax.errorbar(kept, means, yerr=spreads, marker=markers[index // 10 % len(markers)], capsize=3, label=policy,
+                        color=colors[2 * (index % 10) + index // 10 % 2])
         ax.set_xscale("log")
         ax.set_xlabel("fraction of weights kept (measured)")
         ax.set_ylabel("test accuracy (%)")
