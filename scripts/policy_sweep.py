@@ -47,18 +47,21 @@ from maskprune.nn.init import SCORE_INITS  # noqa: E402
 TASKS = {"lenet300-mnist": ("lenet300", "mnist"), "conv4-fashion": ("conv4", "fashion-mnist")}
 POLICIES = ("layerwise", "global", "supermask", "biprop", "signed", "iterand", "gem_miner", "threshold")
 DENSE = "dense"  # the anchor: the same network with its weights trained (not in the default --policies)
-# (optimizer, learning-rate grid) per policy: SGD with momentum 0.9 for the top-k rules (edge-popup's 0.1 in the
-# middle), SGD at Zhou et al.'s lr 100 scale for supermask, Adam for the [0, 1] and thresholded scores.
+# Learning-rate grids per policy and optimizer; the first optimizer listed is the one a policy searches by default.
+# SGD (momentum 0.9) for the top-k rules (edge-popup's 0.1 in the middle) and the dense anchor, SGD at Zhou et al.'s
+# lr-100 scale for supermask, Adam for the [0, 1] and thresholded scores. The second grid of a policy is searched
+# only when asked (--optimizer POLICY=sgd,adam): on conv4 / Fashion-MNIST Adam at ~1e-4 beat every SGD lr for the
+# top-k rules and Adam beat SGD for the dense network, so a fair comparison searches both.
 GRIDS = {
-    "layerwise": ("sgd", (0.03, 0.1, 0.3)),
-    "global": ("sgd", (0.03, 0.1, 0.3)),
-    "supermask": ("sgd", (30.0, 100.0, 300.0)),
-    "biprop": ("sgd", (0.03, 0.1, 0.3)),
-    "signed": ("sgd", (0.03, 0.1, 0.3)),
-    "iterand": ("sgd", (0.03, 0.1, 0.3)),
-    "gem_miner": ("adam", (0.003, 0.01, 0.03)),
-    "threshold": ("adam", (0.0003, 0.001, 0.003)),
-    DENSE: ("sgd", (0.01, 0.03, 0.1)),
+    "layerwise": {"sgd": (0.03, 0.1, 0.3), "adam": (3e-5, 1e-4, 3e-4)},
+    "global": {"sgd": (0.03, 0.1, 0.3), "adam": (3e-5, 1e-4, 3e-4)},
+    "supermask": {"sgd": (30.0, 100.0, 300.0)},
+    "biprop": {"sgd": (0.03, 0.1, 0.3), "adam": (3e-5, 1e-4, 3e-4)},
+    "signed": {"sgd": (0.03, 0.1, 0.3), "adam": (3e-5, 1e-4, 3e-4)},
+    "iterand": {"sgd": (0.03, 0.1, 0.3), "adam": (3e-5, 1e-4, 3e-4)},
+    "gem_miner": {"adam": (0.003, 0.01, 0.03)},
+    "threshold": {"adam": (0.0003, 0.001, 0.003)},
+    DENSE: {"sgd": (0.01, 0.03, 0.1), "adam": (0.0003, 0.001, 0.003)},
 }
 OPTIMIZERS = ("sgd", "adam")
 
@@ -68,9 +71,14 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=0.9) if name == "sgd" else torch.optim.Adam(params, lr=lr)
 
 
-def optimizer_name(policy: str, args) -> str:
-    """The policy's optimizer: --optimizer's choice, else the one its grid names."""
-    return args.optimizer.get(policy, GRIDS[policy][0])
+def search_grids(policy: str, args) -> dict[str, list[float]]:
+    """{optimizer: lr grid} the policy's lr is chosen from: --optimizer's choice (default: its first grid's
+    optimizer), each with --grid's lrs or the default grid (its two upper values under --quick)."""
+    grids = {}
+    for name in args.optimizer.get(policy, [next(iter(GRIDS[policy]))]):
+        lrs = args.grid.get((policy, name)) or GRIDS[policy][name]
+        grids[name] = list(lrs[1:] if args.quick and (policy, name) not in args.grid else lrs)
+    return grids
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -96,10 +104,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grid-extend", type=int, default=2,
                    help="times the lr grid is extended by one step when its best value is at an edge")
     p.add_argument("--select-density", type=float, default=0.1, help="density at which each lr grid is searched")
-    p.add_argument("--grid", action="append", default=[], metavar="POLICY=LR,LR,...",
-                   help="replace one policy's lr grid (repeatable), e.g. gem_miner=0.1,0.3,1")
-    p.add_argument("--optimizer", action="append", default=[], metavar="POLICY=sgd|adam",
-                   help="replace one policy's optimizer (repeatable; give its --grid too), e.g. dense=adam")
+    p.add_argument("--grid", action="append", default=[], metavar="POLICY[:OPT]=LR,LR,...",
+                   help="replace one policy's lr grid (repeatable), e.g. gem_miner=0.1,0.3,1; name the optimizer "
+                        "where the policy searches two, e.g. layerwise:adam=1e-4,3e-4")
+    p.add_argument("--optimizer", action="append", default=[], metavar="POLICY=OPT[,OPT]",
+                   help="the optimizer(s) of sgd, adam whose lr grids a policy searches (repeatable), e.g. "
+                        "layerwise=sgd,adam: the best (optimizer, lr) on validation wins; all=sgd,adam: every "
+                        "policy searches those of them it has a default grid for")
     p.add_argument("--iterand-period", type=int, default=300, help="IteRand's K (optimizer steps between redraws)")
     p.add_argument("--scale-fan", action=argparse.BooleanOptionalAction, default=True,
                    help="edge-popup's fan scaling of the weights for the density (off: scaled for the full fan-in, "
@@ -119,22 +130,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.policies = option_list(p, "--policies", args.policies, str, accepted=(*POLICIES, DENSE), what="policy")
     args.densities = option_list(p, "--densities", args.densities, float, low=1e-4, high=1.0)
     args.seeds = option_list(p, "--seeds", args.seeds, int, low=0, high=2 ** 31)
+    optimizers, every = {}, None
+    for item in args.optimizer:
+        policy, _, names = item.partition("=")
+        if policy != "all" and policy not in GRIDS:
+            p.error(f"--optimizer: unknown policy {policy!r} in {item!r}; accepted: all, {', '.join(GRIDS)}")
+        chosen = option_list(p, "--optimizer", names, str, accepted=OPTIMIZERS, what="optimizer")
+        if policy == "all":
+            every = chosen
+        else:
+            optimizers[policy] = chosen
+    if every:  # all=...: each policy searches those of the named optimizers it has a default grid for
+        for policy in GRIDS:
+            optimizers.setdefault(policy, [o for o in every if o in GRIDS[policy]] or [next(iter(GRIDS[policy]))])
+    args.optimizer = optimizers
     grids = {}
     for item in args.grid:
-        policy, _, lrs = item.partition("=")
+        target, _, lrs = item.partition("=")
+        policy, _, name = target.partition(":")
         if policy not in GRIDS:
             p.error(f"--grid: unknown policy {policy!r} in {item!r}; accepted: {', '.join(GRIDS)}")
-        grids[policy] = option_list(p, "--grid", lrs, float, low=1e-8, high=1e4)
+        searched = optimizers.get(policy, [next(iter(GRIDS[policy]))])
+        if not name:
+            if len(searched) > 1:
+                p.error(f"--grid: {policy} searches {' and '.join(searched)}; name one, e.g. {policy}:{searched[0]}=LR,...")
+            name = searched[0]
+        if name not in searched:
+            p.error(f"--grid: {policy} does not search {name!r} (it searches {', '.join(searched)}; see --optimizer)")
+        grids[(policy, name)] = option_list(p, "--grid", lrs, float, low=1e-8, high=1e4)
     args.grid = grids
-    optimizers = {}
-    for item in args.optimizer:
-        policy, _, name = item.partition("=")
-        if policy not in GRIDS:
-            p.error(f"--optimizer: unknown policy {policy!r} in {item!r}; accepted: {', '.join(GRIDS)}")
-        if name not in OPTIMIZERS:
-            p.error(f"--optimizer: unknown optimizer {name!r} in {item!r}; accepted: {', '.join(OPTIMIZERS)}")
-        optimizers[policy] = name
-    args.optimizer = optimizers
+    for policy, names in optimizers.items():
+        for name in names:
+            if name not in GRIDS[policy] and (policy, name) not in grids:
+                p.error(f"--optimizer: {policy} has no default {name} grid; give one with --grid {policy}:{name}=LR,...")
     options = {}
     for item in args.policy_options:
         policy, _, text = item.partition("=")
@@ -165,15 +193,15 @@ def _limit(x, y, n):
     return (x, y) if not n else (x[:n], y[:n])
 
 
-def train_one(task: str, policy_name: str, density: float, seed: int, lr: float, splits, args,
+def train_one(task: str, policy_name: str, density: float, seed: int, optimizer_name: str, lr: float, splits, args,
               l2: float | None = None) -> dict:
-    """One mask-training run (gem_miner with L2 weight `l2`); returns val and test accuracy, kept fraction and
-    seconds."""
+    """One mask-training run (gem_miner with L2 weight `l2`) with optimizer `optimizer_name` at `lr`; returns val
+    and test accuracy, kept fraction and seconds."""
     arch, _ = TASKS[task]
     seed_everything(seed)
     model = models.create(arch, num_classes=splits.num_classes, in_shape=splits.in_shape, bias=False)
     if policy_name == DENSE:
-        return _train_dense(model, seed, lr, splits, args)
+        return _train_dense(model, seed, optimizer_name, lr, splits, args)
     maskprune.convert(model, density, weight_init="signed_constant", scale_fan=args.scale_fan,
                       score_init=args.score_init)
     layers = [layer for _, layer in masked_layers(model)]
@@ -188,7 +216,7 @@ def train_one(task: str, policy_name: str, density: float, seed: int, lr: float,
         options = {"seed": seed}
     policy = masks.make_policy(policy_name, layers, density, **{**options, **args.policy_options.get(policy_name, {})})
     masks.attach(model, policy)
-    optimizer = make_optimizer(optimizer_name(policy_name, args), [layer.scores for layer in layers], lr)
+    optimizer = make_optimizer(optimizer_name, [layer.scores for layer in layers], lr)
     x, y = _limit(splits.train_x, splits.train_y, args.train_limit)
     t0 = time.perf_counter()
     run = fit_policy(model, optimizer, x, y, epochs=args.epochs, batch_size=args.batch_size, seed=seed)
@@ -205,9 +233,9 @@ def train_one(task: str, policy_name: str, density: float, seed: int, lr: float,
             "diverged": diverged}
 
 
-def _train_dense(model: torch.nn.Module, seed: int, lr: float, splits, args) -> dict:
+def _train_dense(model: torch.nn.Module, seed: int, optimizer_name: str, lr: float, splits, args) -> dict:
     """The anchor run: `model`'s weights trained with the mask runs' budget, schedule and batch order."""
-    optimizer = make_optimizer(optimizer_name(DENSE, args), model.parameters(), lr)
+    optimizer = make_optimizer(optimizer_name, model.parameters(), lr)
     x, y = _limit(splits.train_x, splits.train_y, args.train_limit)
     t0 = time.perf_counter()
     run = fit_policy(model, optimizer, x, y, epochs=args.epochs, batch_size=args.batch_size, seed=seed)
@@ -260,23 +288,24 @@ def _l2_text(l2: float | None) -> str:
     return "" if l2 is None else f" l2={l2:g}"
 
 
-def choose_lr(task: str, policy: str, l2: float | None, lrs: list, splits, args, results) -> tuple:
-    """(val_acc, lr, l2): the policy's lr chosen on validation (seed 0, --select-density) from its grid,
-    extended at an edge (at most --grid-extend times), so every lr is an interior optimum or says it is not."""
+def choose_lr(task: str, policy: str, optimizer: str, l2: float | None, lrs: list, splits, args, results) -> tuple:
+    """(val_acc, optimizer, lr, l2): the policy's lr for `optimizer` chosen on validation (seed 0,
+    --select-density) from its grid, extended at an edge (at most --grid-extend times), so every lr is an interior
+    optimum or says it is not."""
     def evaluate(lr: float) -> float:
-        run = train_one(task, policy, args.select_density, 0, lr, splits, args, l2)
-        results.record["selection"].append({"task": task, "policy": policy, "lr": lr,
+        run = train_one(task, policy, args.select_density, 0, optimizer, lr, splits, args, l2)
+        results.record["selection"].append({"task": task, "policy": policy, "optimizer": optimizer, "lr": lr,
                                             **({} if l2 is None else {"l2": l2}), **run})
         results.write()
-        print(f"[select] {task} {policy} lr={lr:g}{_l2_text(l2)} val {run['val_acc']:.4f}", flush=True)
+        print(f"[select] {task} {policy} {optimizer} lr={lr:g}{_l2_text(l2)} val {run['val_acc']:.4f}", flush=True)
         return run["val_acc"]
 
     # a one-value grid is no choice: nothing runs for it
     val, lr, ordered = grid_search(lrs, evaluate, args.grid_extend) if len(lrs) > 1 else (-1.0, lrs[0], [])
     results.record.setdefault("lr_choice", []).append(
-        {"task": task, "policy": policy, "lr": lr, "val_acc": val, "grid": ordered,
+        {"task": task, "policy": policy, "optimizer": optimizer, "lr": lr, "val_acc": val, "grid": ordered,
          "at_edge": len(ordered) > 1 and lr in (ordered[0], ordered[-1]), **({} if l2 is None else {"l2": l2})})
-    return val, lr, l2
+    return val, optimizer, lr, l2
 
 
 def combine(items: list[str], folder: Path) -> dict:
@@ -318,24 +347,24 @@ def main(argv=None) -> int:
         return 0
     setup_threads(args.threads)
     config = {k: v for k, v in vars(args).items() if k not in ("run", "out")}
-    config["grids"] = {p: {"optimizer": optimizer_name(p, args),
-                           "lrs": args.grid.get(p) or list(GRIDS[p][1][1:] if args.quick else GRIDS[p][1])}
-                       for p in args.policies}
+    config["grid"] = {f"{p}:{o}": lrs for (p, o), lrs in args.grid.items()}
+    config["grids"] = {p: search_grids(p, args) for p in args.policies}
     results = Results(folder, config)
     results.record["selection"] = []
     for task in args.tasks:
         _, dataset = TASKS[task]
         splits = data.load(dataset).normalize()
         for policy in args.policies:
-            choices = [choose_lr(task, policy, l2, config["grids"][policy]["lrs"], splits, args, results)
+            choices = [choose_lr(task, policy, optimizer, l2, lrs, splits, args, results)
+                       for optimizer, lrs in config["grids"][policy].items()
                        for l2 in (args.gem_l2 if policy == "gem_miner" else [None])]
-            _, lr, l2 = max(choices, key=lambda c: c[0])  # the best (lr, λ) on validation
+            _, optimizer, lr, l2 = max(choices, key=lambda c: c[0])  # the best (optimizer, lr, λ) on validation
             for density in ([1.0] if policy == DENSE else args.densities):
                 for seed in args.seeds:
-                    run = train_one(task, policy, density, seed, lr, splits, args, l2)
-                    results.add({"task": task, "policy": policy, "density": density, "seed": seed, "lr": lr,
-                                 **({} if l2 is None else {"l2": l2}), **run})
-                    print(f"{task} {policy} d={density:g} seed={seed} lr={lr:g}{_l2_text(l2)} "
+                    run = train_one(task, policy, density, seed, optimizer, lr, splits, args, l2)
+                    results.add({"task": task, "policy": policy, "density": density, "seed": seed,
+                                 "optimizer": optimizer, "lr": lr, **({} if l2 is None else {"l2": l2}), **run})
+                    print(f"{task} {policy} d={density:g} seed={seed} {optimizer} lr={lr:g}{_l2_text(l2)} "
                           f"test {run['test_acc']:.4f} kept {run['kept_fraction']:.3f} "
                           f"({run['train_seconds']:.1f}s)", flush=True)
     plot(results.record, folder / "policy_sweep.png")

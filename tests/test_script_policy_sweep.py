@@ -42,7 +42,7 @@ def test_every_policy_density_and_seed_is_there(quick_run):
         assert [s.get("l2") for s in tried_all] == [l2 for l2 in l2s for s in tried_all if s.get("l2") == l2]
         for l2 in l2s:
             tried = [s for s in tried_all if s.get("l2") == l2]
-            grid = cfg["grids"][policy]["lrs"]
+            (grid,) = cfg["grids"][policy].values()  # one optimizer per policy by default
             lrs = [s["lr"] for s in tried]
             assert lrs[:len(grid)] == grid and len(lrs) <= len(grid) + cfg["grid_extend"]
             # every extension step continues the grid's own ratio past the edge that was then the best
@@ -56,8 +56,8 @@ def test_every_policy_density_and_seed_is_there(quick_run):
             choice = next(c for c in record["lr_choice"] if c["policy"] == policy and c.get("l2") == l2)
             assert choice["grid"] == sorted(lrs) and choice["at_edge"] == (choice["lr"] in (min(lrs), max(lrs)))
         best = max(tried_all, key=lambda s: s["val_acc"])
-        chosen = {(p["lr"], p.get("l2")) for p in record["points"] if p["policy"] == policy}
-        assert chosen == {(best["lr"], best.get("l2"))}
+        chosen = {(p["optimizer"], p["lr"], p.get("l2")) for p in record["points"] if p["policy"] == policy}
+        assert chosen == {(best["optimizer"], best["lr"], best.get("l2"))}
     # even this tiny budget learns with the top-k rules at density 0.5 (chance: 0.10)
     layerwise = next(p for p in record["points"] if p["policy"] == "layerwise" and p["density"] == 0.5)
     assert layerwise["test_acc"] > 0.4
@@ -71,7 +71,7 @@ def test_dense_anchor_trains_the_weights_once_per_seed(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "results.json").read_text())
-    assert record["config"]["grids"]["dense"]["optimizer"] == "sgd"
+    assert record["config"]["grids"]["dense"] == {"sgd": [0.03, 0.1]}  # --quick: the default grid's upper two
     (point,) = record["points"]
     assert point["policy"] == "dense" and point["density"] == 1.0 and point["kept_fraction"] == 1.0
     assert point["steps"] == 20
@@ -81,26 +81,60 @@ def test_dense_anchor_trains_the_weights_once_per_seed(tmp_path):
 
 
 def test_optimizer_flag_switches_the_dense_anchor_to_adam(tmp_path):
-    """--optimizer dense=adam with its own --grid: the config records Adam and the lrs, and the run learns."""
+    """--optimizer dense=adam with a --grid of its own: the config records Adam and the lrs, and the run learns."""
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--policies", "dense", "--optimizer", "dense=adam",
                            "--grid", "dense=0.001,0.003", "--grid-extend", "0", "--out", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "results.json").read_text())
-    assert record["config"]["grids"]["dense"] == {"optimizer": "adam", "lrs": [0.001, 0.003]}
-    assert sorted(s["lr"] for s in record["selection"]) == [0.001, 0.003]
+    assert record["config"]["grids"]["dense"] == {"adam": [0.001, 0.003]}
+    assert sorted((s["optimizer"], s["lr"]) for s in record["selection"]) == [("adam", 0.001), ("adam", 0.003)]
     (point,) = record["points"]
     assert point["test_acc"] > 0.5  # 20 Adam steps on 600 MNIST images (chance 0.10)
 
 
+def test_optimizer_flag_searches_two_optimizers_and_keeps_the_best(tmp_path):
+    """--optimizer layerwise=sgd,adam: both grids are searched on validation, the final runs use the (optimizer,
+    lr) of the best validation accuracy, and every record names its optimizer."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--policies", "layerwise",
+                           "--optimizer", "layerwise=sgd,adam", "--grid", "layerwise:adam=1e-4,1e-3",
+                           "--grid-extend", "0", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["config"]["grids"]["layerwise"] == {"sgd": [0.1, 0.3], "adam": [0.0001, 0.001]}
+    tried = sorted((s["optimizer"], s["lr"]) for s in record["selection"])
+    assert tried == [("adam", 0.0001), ("adam", 0.001), ("sgd", 0.1), ("sgd", 0.3)]
+    best = max(record["selection"], key=lambda s: s["val_acc"])
+    assert {c["optimizer"] for c in record["lr_choice"]} == {"sgd", "adam"}
+    assert {(p["optimizer"], p["lr"]) for p in record["points"]} == {(best["optimizer"], best["lr"])}
+
+
+def test_optimizer_all_searches_each_policys_default_grids():
+    """all=sgd,adam: policies with both default grids search both; supermask (SGD only) and threshold (Adam only)
+    keep theirs; a policy named on its own overrides all."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import policy_sweep
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    args = policy_sweep.parse_args(["--optimizer", "all=sgd,adam", "--optimizer", "signed=adam"])
+    grids = {p: policy_sweep.search_grids(p, args) for p in policy_sweep.GRIDS}
+    assert list(grids["layerwise"]) == ["sgd", "adam"] and list(grids["dense"]) == ["sgd", "adam"]
+    assert list(grids["supermask"]) == ["sgd"] and list(grids["threshold"]) == ["adam"]
+    assert list(grids["signed"]) == ["adam"]
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--optimizer", "dense=rmsprop", "--optimizer: unknown optimizer 'rmsprop'"),
+    ("--optimizer", "supermask=adam", "--optimizer: supermask has no default adam grid; give one with --grid"),
     ("--optimizer", "popup=adam", "--optimizer: unknown policy 'popup'"),
     ("--policies", "layerwise,popup", "--policies: unknown policy 'popup'"),
     ("--densities", "0.5,2", r"--densities: every value must be in \[0.0001, 1.0\], got 2.0"),
     ("--epochs", "0", "--epochs: must be >= 1, got 0"),
     ("--select-density", "0", r"--select-density: must be in \(0, 1\], got 0.0"),
     ("--grid", "popup=0.1,0.3", "--grid: unknown policy 'popup'"),
+    ("--grid", "supermask:adam=0.1,0.3", "--grid: supermask does not search 'adam'"),
     ("--grid", "gem_miner=0.1,x", "--grid: a comma list of float values"),
     ("--gem-l2", "1e-5,2", r"--gem-l2: every value must be in \[0.0, 1.0\], got 2.0"),
     ("--policy-options", "supermask=bogus=1", r"--policy-options supermask: .*unknown option\(s\) \['bogus'\]"),
@@ -147,3 +181,11 @@ def test_grid_search_extends_at_an_edge_and_keeps_the_middle_when_all_diverge():
     assert grid_search([4.0, 8.0], peak, extend=1) == (1.0, 2.0, [2.0, 4.0, 8.0])  # extended below
     val, lr, tried = grid_search([0.1, 0.3, 1.0], lambda lr: float("nan"), extend=2)
     assert (val, lr, tried) == (-1.0, 0.3, [0.1, 0.3, 1.0])
+
+
+def test_grid_without_an_optimizer_is_refused_where_a_policy_searches_two(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--optimizer", "layerwise=sgd,adam", "--grid", "layerwise=0.1,0.3",
+                           "--out", str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--grid: layerwise searches sgd and adam; name one, e.g. layerwise:sgd=LR,..." in proc.stderr, proc.stderr
+    assert not (tmp_path / "x").exists()
