@@ -528,12 +528,20 @@ def test_ctrl_c_during_the_final_test(tmp_path, monkeypatch):
         train(TrainConfig(**TINY), tmp_path / "run", quiet=True)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_real_sigint_in_a_fresh_process(tmp_path):
     """SIGINT to `python -m maskprune train` once epoch 1 is saved: exit code 130, one line, no traceback."""
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "maskprune", "train", "--model", "lenet300", "--epochs", "500",
                              "--batch-size", "64", "--limit-train", "64", "--device", "cpu", "--threads", "1",
-                             "--out", str(out), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--out", str(out), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # Ctrl-C's default action in the child: a shell that starts a command in the background
+                            # (`make test &`) sets SIGINT to ignored, the child inherits that, and Python then installs
+                            # no KeyboardInterrupt handler (the run would finish and exit 0)
+                            preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 240
         while not (out / "last.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
