@@ -72,10 +72,10 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 
 
 def search_grids(policy: str, args) -> dict[str, list[float]]:
-    """{optimizer: lr grid} the policy's lr is chosen from: --optimizer's choice (default: its first grid's
-    optimizer), each with --grid's lrs or the default grid (its two upper values under --quick)."""
+    """{optimizer: lr grid} the policy's lr is chosen from: each optimizer parse_args resolved for it, with
+    --grid's lrs or the default grid (its two upper values under --quick)."""
     grids = {}
-    for name in args.optimizer.get(policy, [next(iter(GRIDS[policy]))]):
+    for name in args.optimizer[policy]:
         lrs = args.grid.get((policy, name)) or GRIDS[policy][name]
         grids[name] = list(lrs[1:] if args.quick and (policy, name) not in args.grid else lrs)
     return grids
@@ -130,7 +130,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.policies = option_list(p, "--policies", args.policies, str, accepted=(*POLICIES, DENSE), what="policy")
     args.densities = option_list(p, "--densities", args.densities, float, low=1e-4, high=1.0)
     args.seeds = option_list(p, "--seeds", args.seeds, int, low=0, high=2 ** 31)
-    optimizers, every = {}, None
+    # every policy's optimizers, resolved once: its first grid's optimizer, or all=... (those of the named optimizers
+    # it has a default grid for), or its own --optimizer entry, which wins over all=
+    named, every = {}, None
     for item in args.optimizer:
         policy, _, names = item.partition("=")
         if policy != "all" and policy not in GRIDS:
@@ -139,10 +141,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if policy == "all":
             every = chosen
         else:
-            optimizers[policy] = chosen
-    if every:  # all=...: each policy searches those of the named optimizers it has a default grid for
-        for policy in GRIDS:
-            optimizers.setdefault(policy, [o for o in every if o in GRIDS[policy]] or [next(iter(GRIDS[policy]))])
+            named[policy] = chosen
+    optimizers = {policy: named.get(policy) or [o for o in every or () if o in grid] or [next(iter(grid))]
+                  for policy, grid in GRIDS.items()}
     args.optimizer = optimizers
     grids = {}
     for item in args.grid:
@@ -150,19 +151,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         policy, _, name = target.partition(":")
         if policy not in GRIDS:
             p.error(f"--grid: unknown policy {policy!r} in {item!r}; accepted: {', '.join(GRIDS)}")
-        searched = optimizers.get(policy, [next(iter(GRIDS[policy]))])
+        searched = optimizers[policy]
         if not name:
             if len(searched) > 1:
-                p.error(f"--grid: {policy} searches {' and '.join(searched)}; name one, e.g. {policy}:{searched[0]}=LR,...")
+                p.error(f"--grid: {policy} searches {' and '.join(searched)}; name one, e.g. "
+                        f"{policy}:{searched[0]}=LR,...")
             name = searched[0]
         if name not in searched:
             p.error(f"--grid: {policy} does not search {name!r} (it searches {', '.join(searched)}; see --optimizer)")
         grids[(policy, name)] = option_list(p, "--grid", lrs, float, low=1e-8, high=1e4)
     args.grid = grids
-    for policy, names in optimizers.items():
+    for policy, names in named.items():
         for name in names:
             if name not in GRIDS[policy] and (policy, name) not in grids:
-                p.error(f"--optimizer: {policy} has no default {name} grid; give one with --grid {policy}:{name}=LR,...")
+                p.error(f"--optimizer: {policy} has no default {name} grid; give one with "
+                        f"--grid {policy}:{name}=LR,...")
     options = {}
     for item in args.policy_options:
         policy, _, text = item.partition("=")

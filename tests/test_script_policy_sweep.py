@@ -184,8 +184,9 @@ def test_grid_search_extends_at_an_edge_and_keeps_the_middle_when_all_diverge():
 
 
 def test_grid_without_an_optimizer_is_refused_where_a_policy_searches_two(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--optimizer", "layerwise=sgd,adam", "--grid", "layerwise=0.1,0.3",
-                           "--out", str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--optimizer", "layerwise=sgd,adam",
+                           "--grid", "layerwise=0.1,0.3", "--out", str(tmp_path / "x")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--grid: layerwise searches sgd and adam; name one, e.g. layerwise:sgd=LR,..." in proc.stderr, proc.stderr
     assert not (tmp_path / "x").exists()
