@@ -949,6 +949,17 @@ for n in (16_391, 70_001, 300 * 101):
             ops.score_grad_signs_(ds, w, signs)
             for x in (t, wm, signs, ds):
                 h.update(x.numpy().tobytes())
+            # the threshold's own window pass (AVX-512 count-and-compress, or the portable loop), over keys
+            # with many ties too, in one tensor and over two; equal to the full select whatever the hint
+            ties = (s * 8).round() / 8
+            for keys in ([s], [ties], [s, ties[: n // 3]]):
+                full = ops.global_threshold(keys, density, abs_scores)
+                for hint in (full + 1e-5, full * 1.01, full - 1e-3):
+                    near = ops.global_threshold(keys, density, abs_scores, hint)
+                    assert torch.equal(near, full), (n, abs_scores, density, float(hint), float(near), float(full))
+                    h.update(near.numpy().tobytes())
+                one = ops.threshold(keys[0], density, abs_scores, full + 1e-5)
+                assert torch.equal(one, ops.threshold(keys[0], density, abs_scores)), (n, abs_scores, density)
 print(h.hexdigest())
 """
 
@@ -963,8 +974,9 @@ def cpu_has_avx512() -> bool:
 @needs_cpp
 @pytest.mark.skipif(not cpu_has_avx512(), reason="needs a CPU with AVX-512 (to compare its pass with SSE2's)")
 def test_avx512_and_sse2_passes_agree():
-    """The AVX-512 fused pass (chosen at run time) and the SSE2 one (MASKPRUNE_NO_AVX512=1) give the same
-    bytes, on one thread and on two (thread slices at odd places)."""
+    """The AVX-512 passes (chosen at run time: the fused mask pass and the threshold's window pass) and the SSE2 /
+    portable ones (MASKPRUNE_NO_AVX512=1) give the same bytes, on one thread and on two (thread slices at odd
+    places), and a hinted threshold equals the full select on each."""
     import os
     import subprocess
     import sys

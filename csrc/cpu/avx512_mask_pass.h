@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "../checks.h"
 #include "score_signs.h"
@@ -101,6 +102,52 @@ MASKPRUNE_TARGET_AVX512 void window_mask_range(const float* w, const float* s, f
     for (int64_t q = tail; q < end; q += 4) signs[q >> 2] = sign_byte(s + q, std::min<int64_t>(4, end - q));
   }
   _mm_sfence();  // the streamed stores are visible to every thread before the pass returns
+}
+
+// The threshold's window pass (select_in_window's window_pass) sixteen lanes at a time: the keys >= hi and
+// the non-finite scores added to `above` and `bad`, the keys inside [lo, hi) appended in index order to `out`
+// from entry `used` on (the buffer only grows). The same counts and keys as the portable pass, which the
+// compiler vectorises only to SSE2 width: on AVX-512 this makes a hinted threshold ~2x faster.
+template <bool kAbs>
+MASKPRUNE_TARGET_AVX512 void window_count_range(const float* s, int64_t begin, int64_t end, float lo, float hi,
+                                                std::vector<float>& out, size_t& used, int64_t& above,
+                                                int64_t& bad) {
+  const float big = std::numeric_limits<float>::max();
+  const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi), vbig = _mm512_set1_ps(big);
+  const __m512i count_one = _mm512_set1_epi32(1);
+  __m512i v_above = _mm512_setzero_si512(), v_bad = _mm512_setzero_si512();
+  constexpr int64_t kFlushEvery = int64_t{1} << 30;  // entries between flushes: a lane counts < 2^31
+  int64_t next_flush = begin + kFlushEvery;
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    const __m512 magnitude = _mm512_abs_ps(_mm512_loadu_ps(s + i));
+    const __m512 key = kAbs ? magnitude : _mm512_loadu_ps(s + i);
+    v_above = _mm512_mask_add_epi32(v_above, _mm512_cmp_ps_mask(key, vhi, _CMP_GE_OQ), v_above, count_one);
+    v_bad = _mm512_mask_add_epi32(v_bad, _mm512_cmp_ps_mask(magnitude, vbig, _CMP_NLE_UQ), v_bad, count_one);
+    const __mmask16 inside = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(key, vlo, _CMP_GE_OQ), key, vhi, _CMP_LT_OQ);
+    if (inside != 0) {  // rare: ~0.2% of the keys lie inside
+      if (out.size() < used + kLanes) out.resize(2 * (used + kLanes));
+      _mm512_mask_compressstoreu_ps(out.data() + used, inside, key);
+      used += static_cast<size_t>(__builtin_popcount(inside));
+    }
+    if (i >= next_flush) {
+      above += _mm512_reduce_add_epi32(v_above);
+      bad += _mm512_reduce_add_epi32(v_bad);
+      v_above = v_bad = _mm512_setzero_si512();
+      next_flush = i + kFlushEvery;
+    }
+  }
+  above += _mm512_reduce_add_epi32(v_above);
+  bad += _mm512_reduce_add_epi32(v_bad);
+  for (; i < end; ++i) {  // the last, partial vector
+    const float key = kAbs ? std::abs(s[i]) : s[i];
+    above += key >= hi;
+    bad += !(std::abs(s[i]) <= big);
+    if (key >= lo && key < hi) {
+      if (out.size() < used + 1) out.resize(2 * (used + 1));
+      out[used++] = key;
+    }
+  }
 }
 
 }  // namespace avx512

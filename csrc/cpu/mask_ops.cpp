@@ -271,6 +271,15 @@ std::optional<scalar_t> select_in_window(const std::vector<at::Tensor>& tensors,
     const scalar_t* data = t.data_ptr<scalar_t>();
     at::parallel_for(0, t.numel(), kGrain, [&](int64_t begin, int64_t end) {
       const int tid = at::get_thread_num();
+#if defined(MASKPRUNE_AVX512_MASK_PASS)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (avx512::enabled()) {
+          avx512::window_count_range<kAbs>(data, begin, end, lo, hi, gathered_base[tid], used[tid],
+                                           counts[tid].above, counts[tid].bad);
+          return;
+        }
+      }
+#endif
       window_pass<scalar_t, kAbs>(data, begin, end, lo, hi, gathered_base[tid], used[tid], counts[tid]);
     });
   }
