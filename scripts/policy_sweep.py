@@ -86,8 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--combine", nargs="+", metavar="RESULTS_JSON[@LABEL]",
                    help="train nothing: merge these runs' points (a later file replaces an earlier one's task and "
-                        "policy rows; @LABEL shows a one-policy file's points under that name) into one results.json "
-                        "and PNG")
+                        "policy rows; @LABEL shows a file's points under that name, where {policy} stands for each "
+                        "point's policy: @{policy}-adam) into one results.json and PNG")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: lenet300/MNIST, 600 images, 2 epochs of batch 64, densities 0.1,0.5, 1 seed, "
                         "2 lrs per grid")
@@ -313,7 +313,9 @@ def choose_lr(task: str, policy: str, optimizer: str, l2: float | None, lrs: lis
 
 def combine(items: list[str], folder: Path) -> dict:
     """One record (results.json + PNG in `folder`) from several runs' results.json: "PATH" or "PATH@LABEL" (the
-    file's points shown as policy LABEL); a later file replaces the (task, policy) rows of an earlier one."""
+    file's points shown as policy LABEL, where "{policy}" in it stands for each point's own policy, so that a
+    many-policy file can be relabelled, e.g. @{policy}-adam); a later file replaces the (task, policy) rows of an
+    earlier one."""
     rows: dict[tuple[str, str], list[dict]] = {}
     sources, epochs = [], set()
     for item in items:
@@ -326,7 +328,7 @@ def combine(items: list[str], folder: Path) -> dict:
         epochs.add(epochs_of)
         new: dict[tuple[str, str], list[dict]] = {}
         for point in points:
-            name = label or point["policy"]
+            name = label.replace("{policy}", point["policy"]) if label else point["policy"]
             new.setdefault((point["task"], name), []).append({**point, "policy": name, "source": path})
         rows.update(new)
         sources.append({"path": path, "label": label or None, "rows": [f"{t}/{n}" for t, n in new]})

@@ -164,6 +164,16 @@ def test_combine_merges_runs_and_relabels(quick_run, tmp_path):
     again = [p for p in record["points"] if p["policy"] == "again"]
     assert {p["source"] for p in again} == {str(src)} and len(again) == len(original["points"])
     assert (out / "policy_sweep.png").stat().st_size > 10_000
+    # {policy} in a label stands for each point's own policy: a many-policy file relabelled row by row
+    out2 = tmp_path / "combined-policy-label"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--combine", str(src), f"{src}@{{policy}}-again", "--out",
+                           str(out2)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    relabelled = json.loads((out2 / "results.json").read_text())
+    policies = original["config"]["policies"]
+    assert relabelled["config"]["policies"] == [*policies, *(f"{p}-again" for p in policies)]
+    assert sorted(p["policy"] for p in relabelled["points"] if p["policy"].endswith("-again")) == sorted(
+        f"{p['policy']}-again" for p in original["points"])
     bad = subprocess.run([sys.executable, str(SCRIPT), "--combine", str(tmp_path / "none.json"), "--out",
                           str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--combine" in bad.stderr and "is not a policy_sweep results.json" in bad.stderr
