@@ -4,8 +4,8 @@ Tasks: lenet300 on MNIST and conv4 on Fashion-MNIST. For each (task, policy) the
 on the validation split from the policy's small grid (seed 0, density --select-density; for gem_miner together
 with its L2 weight λ from --gem-l2, the knob that sets its sparsity, as its configs set it per target), then every
 density x seed runs with it; test accuracy of the final model is reported (gem_miner after its rounding,
-supermask with its evaluation mask). Every run: frozen signed-constant weights with edge-popup's fan
-scaling (--no-scale-fan: scaled for the full fan-in), batch 128, --epochs epochs (one budget for all), cosine
+supermask with its evaluation mask). Every run: frozen signed-constant weights (--weight-init: Kaiming normal or
+uniform instead) with edge-popup's fan scaling (--no-scale-fan: scaled for the full fan-in), batch 128, --epochs epochs (one budget for all), cosine
 schedule, no weight decay, the policy's default options (or --policy-options) except iterand's period
 (--iterand-period) and gem_miner's schedule (epochs = --epochs, a freezing every max(1, --epochs // 10) epochs,
 about nine in any budget: with 10 epochs their 8-epoch period would freeze once) and its L2 weight (searched
@@ -42,7 +42,7 @@ from _common import (Results, accuracy, fit_policy, grid_search, mean_std, optio
 import maskprune  # noqa: E402
 from maskprune import data, masks, models  # noqa: E402
 from maskprune.nn import masked_layers  # noqa: E402
-from maskprune.nn.init import SCORE_INITS  # noqa: E402
+from maskprune.nn.init import SCORE_INITS, WEIGHT_INITS  # noqa: E402
 
 TASKS = {"lenet300-mnist": ("lenet300", "mnist"), "conv4-fashion": ("conv4", "fashion-mnist")}
 POLICIES = ("layerwise", "global", "supermask", "biprop", "signed", "iterand", "gem_miner", "threshold")
@@ -115,6 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scale-fan", action=argparse.BooleanOptionalAction, default=True,
                    help="edge-popup's fan scaling of the weights for the density (off: scaled for the full fan-in, "
                         "e.g. for supermask's dynamic_scaling, which rescales by the kept fraction itself)")
+    p.add_argument("--weight-init", default="signed_constant", choices=WEIGHT_INITS,
+                   help="the frozen random weights of every mask run: edge-popup's signed constant, or Kaiming "
+                        "normal / uniform (where biprop's α·sign(W) differs from edge-popup's W)")
     p.add_argument("--score-init", default="kaiming_uniform", choices=SCORE_INITS,
                    help="the layers' initial scores (policies that set their own, supermask, gem_miner, threshold, "
                         "keep theirs); 'uniform' gives every layer scores of one scale, which `global` needs on conv4")
@@ -205,7 +208,7 @@ def train_one(task: str, policy_name: str, density: float, seed: int, optimizer_
     model = models.create(arch, num_classes=splits.num_classes, in_shape=splits.in_shape, bias=False)
     if policy_name == DENSE:
         return _train_dense(model, seed, optimizer_name, lr, splits, args)
-    maskprune.convert(model, density, weight_init="signed_constant", scale_fan=args.scale_fan,
+    maskprune.convert(model, density, weight_init=args.weight_init, scale_fan=args.scale_fan,
                       score_init=args.score_init)
     layers = [layer for _, layer in masked_layers(model)]
     options = {}

@@ -93,6 +93,24 @@ def test_optimizer_flag_switches_the_dense_anchor_to_adam(tmp_path):
     assert point["test_acc"] > 0.5  # 20 Adam steps on 600 MNIST images (chance 0.10)
 
 
+def test_weight_init_flag_sets_the_frozen_weights(quick_run, tmp_path):
+    """Over signed-constant weights (the default) biprop's α·sign(W) is W, so biprop gives layerwise's digits; over
+    --weight-init kaiming_normal it does not, and the config records the init."""
+    def accuracies(record, policy):
+        return [(p["density"], p["val_acc"], p["test_acc"]) for p in record["points"] if p["policy"] == policy]
+
+    default = json.loads((quick_run / "results.json").read_text())
+    assert default["config"]["weight_init"] == "signed_constant"
+    assert accuracies(default, "biprop") == accuracies(default, "layerwise")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--policies", "layerwise,biprop", "--weight-init",
+                           "kaiming_normal", "--grid-extend", "0", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["config"]["weight_init"] == "kaiming_normal"
+    assert accuracies(record, "biprop") != accuracies(record, "layerwise")
+
+
 def test_optimizer_flag_searches_two_optimizers_and_keeps_the_best(tmp_path):
     """--optimizer layerwise=sgd,adam: both grids are searched on validation, the final runs use the (optimizer,
     lr) of the best validation accuracy, and every record names its optimizer."""
@@ -140,6 +158,7 @@ def test_optimizer_all_searches_each_policys_default_grids():
     ("--policy-options", "supermask=bogus=1", r"--policy-options supermask: .*unknown option\(s\) \['bogus'\]"),
     ("--policy-options", "popup=a=1", "--policy-options: unknown policy 'popup'"),
     ("--score-init", "normal", "argument --score-init: invalid choice: 'normal'"),
+    ("--weight-init", "xavier", "argument --weight-init: invalid choice: 'xavier'"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(tmp_path, flag, value, message):
     proc = subprocess.run([sys.executable, str(SCRIPT), flag, value, "--out", str(tmp_path / "x")], cwd=REPO,
