@@ -3,13 +3,13 @@
 Tasks: lenet300 on MNIST and conv4 on Fashion-MNIST. For each (task, policy) the learning rate is chosen
 on the validation split from the policy's small grid (seed 0, density --select-density; for gem_miner together
 with its L2 weight λ from --gem-l2, the knob that sets its sparsity, as its configs set it per target), then every
-density x seed runs with it; test accuracy of the final model is reported (gem_miner after its rounding,
-supermask with its evaluation mask). Every run: frozen signed-constant weights (--weight-init: Kaiming normal or
-uniform instead) with edge-popup's fan scaling (--no-scale-fan: scaled for the full fan-in), batch 128, --epochs epochs (one budget for all), cosine
-schedule, no weight decay, the policy's default options (or --policy-options) except iterand's period
-(--iterand-period) and gem_miner's schedule (epochs = --epochs, a freezing every max(1, --epochs // 10) epochs,
-about nine in any budget: with 10 epochs their 8-epoch period would freeze once) and its L2 weight (searched
-from --gem-l2).
+density x seed runs with it (--select-per-density: each density's lr chosen at that density); test accuracy of
+the final model is reported (gem_miner after its rounding, supermask with its evaluation mask). Every run: frozen
+signed-constant weights (--weight-init: Kaiming normal or uniform instead) with edge-popup's fan scaling
+(--no-scale-fan: scaled for the full fan-in), batch 128, --epochs epochs (one budget for all), cosine schedule, no
+weight decay, the policy's default options (or --policy-options) except iterand's period (--iterand-period) and
+gem_miner's schedule (epochs = --epochs, a freezing every max(1, --epochs // 10) epochs, about nine in any budget:
+with 10 epochs their 8-epoch period would freeze once) and its L2 weight (searched from --gem-l2).
 
 Writes results/policy_sweep/<run>/results.json (every selection run and point, rewritten after each) and
 policy_sweep.png (test accuracy against the measured kept fraction per task, mean and spread over seeds: the
@@ -104,6 +104,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grid-extend", type=int, default=2,
                    help="times the lr grid is extended by one step when its best value is at an edge")
     p.add_argument("--select-density", type=float, default=0.1, help="density at which each lr grid is searched")
+    p.add_argument("--select-per-density", action="store_true",
+                   help="search each lr grid at every density of --densities and run each density at its own lr "
+                        "(instead of one lr per policy and optimizer, chosen at --select-density; 4x the "
+                        "selection runs with four densities)")
     p.add_argument("--grid", action="append", default=[], metavar="POLICY[:OPT]=LR,LR,...",
                    help="replace one policy's lr grid (repeatable), e.g. gem_miner=0.1,0.3,1; name the optimizer "
                         "where the policy searches two, e.g. layerwise:adam=1e-4,3e-4")
@@ -294,23 +298,26 @@ def _l2_text(l2: float | None) -> str:
     return "" if l2 is None else f" l2={l2:g}"
 
 
-def choose_lr(task: str, policy: str, optimizer: str, l2: float | None, lrs: list, splits, args, results) -> tuple:
-    """(val_acc, optimizer, lr, l2): the policy's lr for `optimizer` chosen on validation (seed 0,
-    --select-density) from its grid, extended at an edge (at most --grid-extend times), so every lr is an interior
-    optimum or says it is not."""
+def choose_lr(task: str, policy: str, optimizer: str, l2: float | None, lrs: list, splits, args, results,
+              density: float) -> tuple:
+    """(val_acc, optimizer, lr, l2): the policy's lr for `optimizer` chosen on validation (seed 0, at `density`)
+    from its grid, extended at an edge (at most --grid-extend times), so every lr is an interior optimum or says
+    it is not."""
     def evaluate(lr: float) -> float:
-        run = train_one(task, policy, args.select_density, 0, optimizer, lr, splits, args, l2)
+        run = train_one(task, policy, density, 0, optimizer, lr, splits, args, l2)
         results.record["selection"].append({"task": task, "policy": policy, "optimizer": optimizer, "lr": lr,
-                                            **({} if l2 is None else {"l2": l2}), **run})
+                                            "density": density, **({} if l2 is None else {"l2": l2}), **run})
         results.write()
-        print(f"[select] {task} {policy} {optimizer} lr={lr:g}{_l2_text(l2)} val {run['val_acc']:.4f}", flush=True)
+        print(f"[select] {task} {policy} d={density:g} {optimizer} lr={lr:g}{_l2_text(l2)} val {run['val_acc']:.4f}",
+              flush=True)
         return run["val_acc"]
 
     # a one-value grid is no choice: nothing runs for it
     val, lr, ordered = grid_search(lrs, evaluate, args.grid_extend) if len(lrs) > 1 else (-1.0, lrs[0], [])
     results.record.setdefault("lr_choice", []).append(
-        {"task": task, "policy": policy, "optimizer": optimizer, "lr": lr, "val_acc": val, "grid": ordered,
-         "at_edge": len(ordered) > 1 and lr in (ordered[0], ordered[-1]), **({} if l2 is None else {"l2": l2})})
+        {"task": task, "policy": policy, "optimizer": optimizer, "density": density, "lr": lr, "val_acc": val,
+         "grid": ordered, "at_edge": len(ordered) > 1 and lr in (ordered[0], ordered[-1]),
+         **({} if l2 is None else {"l2": l2})})
     return val, optimizer, lr, l2
 
 
@@ -363,11 +370,16 @@ def main(argv=None) -> int:
         _, dataset = TASKS[task]
         splits = data.load(dataset).normalize()
         for policy in args.policies:
-            choices = [choose_lr(task, policy, optimizer, l2, lrs, splits, args, results)
-                       for optimizer, lrs in config["grids"][policy].items()
-                       for l2 in (args.gem_l2 if policy == "gem_miner" else [None])]
-            _, optimizer, lr, l2 = max(choices, key=lambda c: c[0])  # the best (optimizer, lr, λ) on validation
-            for density in ([1.0] if policy == DENSE else args.densities):
+            densities = [1.0] if policy == DENSE else args.densities
+            per_density = args.select_per_density and policy != DENSE
+            best = {}  # selection density -> the best (val, optimizer, lr, λ) on validation there
+            for at in (densities if per_density else [args.select_density]):
+                choices = [choose_lr(task, policy, optimizer, l2, lrs, splits, args, results, at)
+                           for optimizer, lrs in config["grids"][policy].items()
+                           for l2 in (args.gem_l2 if policy == "gem_miner" else [None])]
+                best[at] = max(choices, key=lambda c: c[0])
+            for density in densities:
+                _, optimizer, lr, l2 = best[density if per_density else args.select_density]
                 for seed in args.seeds:
                     run = train_one(task, policy, density, seed, optimizer, lr, splits, args, l2)
                     results.add({"task": task, "policy": policy, "density": density, "seed": seed,

@@ -111,6 +111,29 @@ def test_weight_init_flag_sets_the_frozen_weights(quick_run, tmp_path):
     assert accuracies(record, "biprop") != accuracies(record, "layerwise")
 
 
+def test_select_per_density_chooses_each_densitys_lr_there(tmp_path):
+    """--select-per-density: each lr grid is searched at every density (seed 0), and each density's runs use the
+    best lr found at that density; the dense anchor still chooses once."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--policies", "layerwise,dense",
+                           "--select-per-density", "--grid-extend", "0", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["config"]["select_per_density"] is True
+    densities = record["config"]["densities"]
+    tried = [s for s in record["selection"] if s["policy"] == "layerwise"]
+    assert sorted((s["density"], s["lr"]) for s in tried) == sorted(
+        (d, lr) for d in densities for lr in record["config"]["grids"]["layerwise"]["sgd"])
+    for density in densities:
+        here = [s for s in tried if s["density"] == density]
+        best = max(here, key=lambda s: s["val_acc"])
+        (choice,) = [c for c in record["lr_choice"] if c["policy"] == "layerwise" and c["density"] == density]
+        assert choice["lr"] == best["lr"]
+        assert {p["lr"] for p in record["points"] if p["policy"] == "layerwise" and p["density"] == density} == {
+            best["lr"]}
+    assert len([c for c in record["lr_choice"] if c["policy"] == "dense"]) == 1
+
+
 def test_optimizer_flag_searches_two_optimizers_and_keeps_the_best(tmp_path):
     """--optimizer layerwise=sgd,adam: both grids are searched on validation, the final runs use the (optimizer,
     lr) of the best validation accuracy, and every record names its optimizer."""
