@@ -24,6 +24,8 @@ trained, SGD with momentum 0.9, its lr chosen on validation from its own grid li
     python scripts/policy_sweep.py --run full-cpu   # the full comparison (hours on CPU)
     python scripts/policy_sweep.py --combine A/results.json B/results.json@supermask+dws --run all
                                                     # one table and plot from several runs (no training)
+    python scripts/policy_sweep.py --combine SGD/results.json ADAM/results.json --combine-best --run best
+                                                    # per density, the run that won on validation
 """
 from __future__ import annotations
 
@@ -88,6 +90,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train nothing: merge these runs' points (a later file replaces an earlier one's task and "
                         "policy rows; @LABEL shows a file's points under that name, where {policy} stands for each "
                         "point's policy: @{policy}-adam) into one results.json and PNG")
+    p.add_argument("--combine-best", action="store_true",
+                   help="with --combine: where files give the same (task, policy) row, keep at each density the "
+                        "points of the file whose lr choice at that density scored higher on validation (each file "
+                        "run with --select-per-density), e.g. one SGD and one Adam run: the optimizer chosen per "
+                        "density, as one run with --optimizer POLICY=sgd,adam would choose it")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: lenet300/MNIST, 600 images, 2 epochs of batch 64, densities 0.1,0.5, 1 seed, "
                         "2 lrs per grid")
@@ -192,6 +199,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 0 < args.select_density <= 1:
         p.error(f"--select-density: must be in (0, 1], got {args.select_density}")
     args.gem_l2 = option_list(p, "--gem-l2", args.gem_l2, float, low=0.0, high=1.0)
+    if args.combine_best and not args.combine:
+        p.error("--combine-best: only with --combine")
     if args.quick:
         args.tasks, args.densities, args.seeds, args.epochs = ["lenet300-mnist"], [0.1, 0.5], [0], 2
         args.train_limit, args.val_limit, args.test_limit, args.iterand_period = 600, 500, 1000, 5
@@ -321,12 +330,28 @@ def choose_lr(task: str, policy: str, optimizer: str, l2: float | None, lrs: lis
     return val, optimizer, lr, l2
 
 
-def combine(items: list[str], folder: Path) -> dict:
+def _validation_at(record: dict, path: str) -> dict[tuple[str, str, float], float]:
+    """{(task, policy, density): the best validation accuracy of the run's lr choices there} for --combine-best; a
+    point of density 1 (the dense anchor) takes its policy's one choice, a mask policy needs per-density choices."""
+    scores: dict[tuple[str, str, float], float] = {}
+    for choice in record.get("lr_choice", []):
+        task, policy = choice["task"], choice["policy"]
+        at = 1.0 if policy == DENSE else choice.get("density") if record["config"].get("select_per_density") else None
+        if at is None:
+            raise SystemExit(f"policy_sweep: --combine-best: {path} chose {policy}'s lr at one density for all; "
+                             f"compare runs made with --select-per-density")
+        scores[(task, policy, at)] = max(scores.get((task, policy, at), -1.0), choice["val_acc"])
+    return scores
+
+
+def combine(items: list[str], folder: Path, best: bool = False) -> dict:
     """One record (results.json + PNG in `folder`) from several runs' results.json: "PATH" or "PATH@LABEL" (the
     file's points shown as policy LABEL, where "{policy}" in it stands for each point's own policy, so that a
     many-policy file can be relabelled, e.g. @{policy}-adam); a later file replaces the (task, policy) rows of an
-    earlier one."""
-    rows: dict[tuple[str, str], list[dict]] = {}
+    earlier one, or with `best` (--combine-best) replaces them density by density where its lr choice there scored
+    higher on validation (a tie keeps the earlier file)."""
+    rows: dict[tuple[str, str], dict[float, list[dict]]] = {}  # (task, shown policy) -> density -> points
+    chosen_on: dict[tuple[str, str, float], float] = {}  # (task, shown policy, density) -> its lr choice's validation
     sources, epochs = [], set()
     for item in items:
         path, _, label = item.partition("@")
@@ -336,16 +361,31 @@ def combine(items: list[str], folder: Path) -> dict:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"policy_sweep: --combine: {path} is not a policy_sweep results.json ({e})")
         epochs.add(epochs_of)
-        new: dict[tuple[str, str], list[dict]] = {}
+        validation = _validation_at(record, path) if best else {}
+        new: dict[tuple[str, str], dict[float, list[dict]]] = {}
+        own: dict[tuple[str, str], set[str]] = {}  # shown row -> the policies the file ran under that name
         for point in points:
             name = label.replace("{policy}", point["policy"]) if label else point["policy"]
-            new.setdefault((point["task"], name), []).append({**point, "policy": name, "source": path})
-        rows.update(new)
-        sources.append({"path": path, "label": label or None, "rows": [f"{t}/{n}" for t, n in new]})
-    points = [point for group in rows.values() for point in group]
+            new.setdefault((point["task"], name), {}).setdefault(point["density"], []).append(
+                {**point, "policy": name, "source": path})
+            own.setdefault((point["task"], name), set()).add(point["policy"])
+        taken = []
+        for (task, name), by_density in new.items():
+            if not best:  # the whole row goes: its densities need not match
+                rows[(task, name)] = {}
+            row = rows.setdefault((task, name), {})
+            for density, group in by_density.items():
+                score = max(validation.get((task, policy, density), -1.0) for policy in own[(task, name)])
+                if not best or density not in row or score > chosen_on[(task, name, density)]:
+                    row[density], chosen_on[(task, name, density)] = group, score
+                    taken.append((task, name, density))
+        sources.append({"path": path, "label": label or None,
+                        "rows": list(dict.fromkeys(f"{t}/{n}" for t, n, _ in taken)),
+                        **({"densities_taken": [f"{t}/{n}@{d:g}" for t, n, d in taken]} if best else {})})
+    points = [point for row in rows.values() for group in row.values() for point in group]
     config = {"tasks": list(dict.fromkeys(t for t, _ in rows)), "policies": list(dict.fromkeys(n for _, n in rows)),
               "epochs": epochs.pop() if len(epochs) == 1 else "mixed", "seeds": sorted({p["seed"] for p in points}),
-              "combined": sources}
+              "combined": sources, **({"best_on_validation": True} if best else {})}
     record = {"config": config, "status": "done", "points": points}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(record, indent=1))
@@ -357,7 +397,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     folder = run_dir("policy_sweep", args.run, args.out)
     if args.combine:
-        combine(args.combine, folder)
+        combine(args.combine, folder, best=args.combine_best)
         print(f"wrote {folder / 'results.json'} and {folder / 'policy_sweep.png'}")
         return 0
     setup_threads(args.threads)

@@ -221,6 +221,54 @@ def test_combine_merges_runs_and_relabels(quick_run, tmp_path):
     assert bad.returncode != 0 and "--combine" in bad.stderr and "is not a policy_sweep results.json" in bad.stderr
 
 
+def _per_density_record(optimizer: str, val_by_density: dict[float, float], select_per_density: bool = True) -> dict:
+    """A minimal policy_sweep results.json of one layerwise run per density (seed 0) plus the dense anchor."""
+    points = [{"task": "lenet300-mnist", "policy": "layerwise", "density": d, "seed": 0, "optimizer": optimizer,
+               "lr": 0.1, "val_acc": v, "test_acc": v, "kept_fraction": d} for d, v in val_by_density.items()]
+    points.append({"task": "lenet300-mnist", "policy": "dense", "density": 1.0, "seed": 0, "optimizer": optimizer,
+                   "lr": 0.1, "val_acc": 0.98, "test_acc": 0.98, "kept_fraction": 1.0})
+    choices = [{"task": "lenet300-mnist", "policy": "layerwise", "optimizer": optimizer, "density": d, "lr": 0.1,
+                "val_acc": v} for d, v in val_by_density.items()]
+    choices.append({"task": "lenet300-mnist", "policy": "dense", "optimizer": optimizer, "density": 0.1, "lr": 0.1,
+                    "val_acc": 0.98 if optimizer == "sgd" else 0.985})
+    return {"config": {"epochs": 10, "select_per_density": select_per_density}, "points": points,
+            "lr_choice": choices}
+
+
+def test_combine_best_keeps_each_density_from_the_run_that_won_on_validation(tmp_path):
+    """--combine-best: two runs of one policy (SGD, Adam), each searched per density; at every density the points of
+    the run whose lr choice scored higher on validation are kept (a tie keeps the earlier file), the dense anchor by
+    its one choice."""
+    sgd, adam = tmp_path / "sgd.json", tmp_path / "adam.json"
+    sgd.write_text(json.dumps(_per_density_record("sgd", {0.05: 0.97, 0.1: 0.975, 0.5: 0.980})))
+    adam.write_text(json.dumps(_per_density_record("adam", {0.05: 0.975, 0.1: 0.975, 0.5: 0.978})))
+    out = tmp_path / "best"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--combine", str(sgd), str(adam), "--combine-best",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "results.json").read_text())
+    chosen = {(p["policy"], p["density"]): p["optimizer"] for p in record["points"]}
+    assert chosen == {("layerwise", 0.05): "adam", ("layerwise", 0.1): "sgd", ("layerwise", 0.5): "sgd",
+                      ("dense", 1.0): "adam"}
+    assert record["config"]["best_on_validation"] is True
+    assert record["config"]["combined"][1]["densities_taken"] == ["lenet300-mnist/layerwise@0.05",
+                                                                  "lenet300-mnist/dense@1"]
+    # without --combine-best the later file replaces the whole row
+    plain = subprocess.run([sys.executable, str(SCRIPT), "--combine", str(sgd), str(adam), "--out",
+                            str(tmp_path / "plain")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert {p["optimizer"] for p in json.loads((tmp_path / "plain" / "results.json").read_text())["points"]} == {"adam"}
+    # a run whose lr was chosen at one density has no per-density validation to compare: refused, by name
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(_per_density_record("sgd", {0.05: 0.97}, select_per_density=False)))
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--combine", str(one), str(adam), "--combine-best", "--out",
+                          str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--combine-best" in bad.stderr and "--select-per-density" in bad.stderr
+    alone = subprocess.run([sys.executable, str(SCRIPT), "--combine-best"], cwd=REPO, capture_output=True,
+                           text=True, timeout=120)
+    assert alone.returncode == 2 and "--combine-best: only with --combine" in alone.stderr
+
+
 def test_grid_search_extends_at_an_edge_and_keeps_the_middle_when_all_diverge():
     """scripts/_common.grid_search, the lr choice both policy_sweep and pretrained_masks use."""
     sys.path.insert(0, str(REPO / "scripts"))
