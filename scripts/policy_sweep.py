@@ -11,10 +11,10 @@ weight decay, the policy's default options (or --policy-options) except iterand'
 gem_miner's schedule (epochs = --epochs, a freezing every max(1, --epochs // 10) epochs, about nine in any budget:
 with 10 epochs their 8-epoch period would freeze once) and its L2 weight (searched from --gem-l2).
 
-Writes results/policy_sweep/<run>/results.json (every selection run and point, rewritten after each) and
-policy_sweep.png (test accuracy against the measured kept fraction per task, mean and spread over seeds: the
-density asked for is a constraint for the top-k rules, a target for gem_miner and an initial value for supermask
-and threshold, which learn theirs).
+Writes results/policy_sweep/<run>/results.json (every selection run and point, rewritten after each), table.md
+(the test accuracies as Markdown, with each cell's optimizer and lr) and policy_sweep.png (test accuracy against
+the measured kept fraction per task, mean and spread over seeds: the density asked for is a constraint for the
+top-k rules, a target for gem_miner and an initial value for supermask and threshold, which learn theirs).
 
 `--policies ...,dense` adds the anchor: the same network (no biases, PyTorch's default init) with its weights
 trained, SGD with momentum 0.9, its lr chosen on validation from its own grid like every policy; one run per seed
@@ -303,6 +303,37 @@ def plot(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def table(record: dict) -> str:
+    """The record as Markdown, one table per task: a row per policy, a column per density, each cell the test
+    accuracy % (mean ± std over seeds) with the optimizer, lr (and λ) its points ran with, and the kept fraction
+    where it differs from the density asked for (the policies that learn theirs): what README tables copy."""
+    lines = []
+    for task in record["config"]["tasks"]:
+        pts = [p for p in record["points"] if p["task"] == task]
+        densities = sorted({p["density"] for p in pts})
+        lines += [f"### {task}", "", "| policy | " + " | ".join(f"density {d:g}" for d in densities) + " |",
+                  "|---|" + "---|" * len(densities)]
+        for policy in record["config"]["policies"]:
+            row = [p for p in pts if p["policy"] == policy]
+            if not row:
+                continue
+            cells = []
+            for d in densities:
+                at = [p for p in row if p["density"] == d]
+                if not at:
+                    cells.append("")
+                    continue
+                mean, std = mean_std(100 * p["test_acc"] for p in at)
+                runs = sorted({f"{p.get('optimizer', '?')} {p['lr']:g}{_l2_text(p.get('l2'))}" for p in at})
+                kept = mean_std(p["kept_fraction"] for p in at)[0]
+                kept_text = f", kept {kept:.3f}" if abs(kept - d) > 0.005 else ""
+                cells.append(f"{mean:.2f} ± {std:.2f} ({'; '.join(runs)}{kept_text})")
+            lines.append(f"| `{policy}` | " + " | ".join(cells) + " |")
+        seeds = sorted({p["seed"] for p in pts})
+        lines += ["", f"Test accuracy %, mean ± std over seeds {seeds}; {record['config']['epochs']} epoch(s).", ""]
+    return "\n".join(lines)
+
+
 def _l2_text(l2: float | None) -> str:
     return "" if l2 is None else f" l2={l2:g}"
 
@@ -389,6 +420,7 @@ def combine(items: list[str], folder: Path, best: bool = False) -> dict:
     record = {"config": config, "status": "done", "points": points}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(record, indent=1))
+    (folder / "table.md").write_text(table(record))
     plot(record, folder / "policy_sweep.png")
     return record
 
@@ -398,7 +430,7 @@ def main(argv=None) -> int:
     folder = run_dir("policy_sweep", args.run, args.out)
     if args.combine:
         combine(args.combine, folder, best=args.combine_best)
-        print(f"wrote {folder / 'results.json'} and {folder / 'policy_sweep.png'}")
+        print(f"wrote {folder / 'results.json'}, {folder / 'table.md'} and {folder / 'policy_sweep.png'}")
         return 0
     setup_threads(args.threads)
     config = {k: v for k, v in vars(args).items() if k not in ("run", "out")}
@@ -428,8 +460,9 @@ def main(argv=None) -> int:
                           f"test {run['test_acc']:.4f} kept {run['kept_fraction']:.3f} "
                           f"({run['train_seconds']:.1f}s)", flush=True)
     plot(results.record, folder / "policy_sweep.png")
+    (folder / "table.md").write_text(table(results.record))
     results.finish()
-    print(f"wrote {folder / 'results.json'} and {folder / 'policy_sweep.png'}")
+    print(f"wrote {folder / 'results.json'}, {folder / 'table.md'} and {folder / 'policy_sweep.png'}")
     return 0
 
 

@@ -62,6 +62,12 @@ def test_every_policy_density_and_seed_is_there(quick_run):
     layerwise = next(p for p in record["points"] if p["policy"] == "layerwise" and p["density"] == 0.5)
     assert layerwise["test_acc"] > 0.4
     assert (quick_run / "policy_sweep.png").stat().st_size > 10_000
+    # table.md: a row per policy, a column per density, each cell the points' mean test accuracy and their lr
+    table = (quick_run / "table.md").read_text().splitlines()
+    assert "| policy | density 0.1 | density 0.5 |" in table
+    row = next(line for line in table if line.startswith("| `layerwise` |"))
+    assert f"{100 * layerwise['test_acc']:.2f} ± 0.00 ({layerwise['optimizer']} {layerwise['lr']:g})" in row
+    assert len([line for line in table if line.startswith("| `")]) == len(record["config"]["policies"])
 
 
 def test_dense_anchor_trains_the_weights_once_per_seed(tmp_path):
@@ -253,6 +259,9 @@ def test_combine_best_keeps_each_density_from_the_run_that_won_on_validation(tmp
     assert record["config"]["best_on_validation"] is True
     assert record["config"]["combined"][1]["densities_taken"] == ["lenet300-mnist/layerwise@0.05",
                                                                   "lenet300-mnist/dense@1"]
+    layerwise_row = next(line for line in (out / "table.md").read_text().splitlines() if "`layerwise`" in line)
+    assert layerwise_row == ("| `layerwise` | 97.50 ± 0.00 (adam 0.1) | 97.50 ± 0.00 (sgd 0.1) "
+                             "| 98.00 ± 0.00 (sgd 0.1) |  |")  # no layerwise point at density 1
     # without --combine-best the later file replaces the whole row
     plain = subprocess.run([sys.executable, str(SCRIPT), "--combine", str(sgd), str(adam), "--out",
                             str(tmp_path / "plain")], cwd=REPO, capture_output=True, text=True, timeout=120)
