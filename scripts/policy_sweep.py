@@ -324,7 +324,7 @@ def table(record: dict) -> str:
                     cells.append("")
                     continue
                 mean, std = mean_std(100 * p["test_acc"] for p in at)
-                runs = sorted({f"{p.get('optimizer', '?')} {p['lr']:g}{_l2_text(p.get('l2'))}" for p in at})
+                runs = sorted({f"{p.get('optimizer', '?')} {p['lr']:.3g}{_l2_text(p.get('l2'))}" for p in at})
                 kept = mean_std(p["kept_fraction"] for p in at)[0]
                 kept_text = f", kept {kept:.3f}" if abs(kept - d) > 0.005 else ""
                 cells.append(f"{mean:.2f} ± {std:.2f} ({'; '.join(runs)}{kept_text})")

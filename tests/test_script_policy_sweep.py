@@ -66,7 +66,7 @@ def test_every_policy_density_and_seed_is_there(quick_run):
     table = (quick_run / "table.md").read_text().splitlines()
     assert "| policy | density 0.1 | density 0.5 |" in table
     row = next(line for line in table if line.startswith("| `layerwise` |"))
-    assert f"{100 * layerwise['test_acc']:.2f} ± 0.00 ({layerwise['optimizer']} {layerwise['lr']:g})" in row
+    assert f"{100 * layerwise['test_acc']:.2f} ± 0.00 ({layerwise['optimizer']} {layerwise['lr']:.3g})" in row
     assert len([line for line in table if line.startswith("| `")]) == len(record["config"]["policies"])
 
 
