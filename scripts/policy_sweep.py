@@ -1,10 +1,10 @@
 """Every mask policy (maskprune.masks) on the same networks, densities, seeds and budget: one comparison.
 
-Tasks: lenet300 on MNIST and conv4 on Fashion-MNIST. For each (task, policy) the learning rate is chosen
-on the validation split from the policy's small grid (seed 0, density --select-density; for gem_miner together
-with its L2 weight λ from --gem-l2, the knob that sets its sparsity, as its configs set it per target), then every
-density x seed runs with it (--select-per-density: each density's lr chosen at that density); test accuracy of
-the final model is reported (gem_miner after its rounding, supermask with its evaluation mask). Every run: frozen
+Tasks: lenet300 on MNIST and conv4 on Fashion-MNIST. For each (task, policy) the learning rate is chosen on the
+validation split from the policy's small grid (seed 0, or the mean of --select-seeds seeds; density
+--select-density; for gem_miner together with its L2 weight λ from --gem-l2, the knob that sets its sparsity, as
+its configs set it per target), then every density x seed runs with it (--select-per-density: each density's lr
+chosen at that density); test accuracy of the final model is reported (gem_miner after its rounding, supermask with its evaluation mask). Every run: frozen
 signed-constant weights (--weight-init: Kaiming normal or uniform instead) with edge-popup's fan scaling
 (--no-scale-fan: scaled for the full fan-in), batch 128, --epochs epochs (one budget for all), cosine schedule, no
 weight decay, the policy's default options (or --policy-options) except iterand's period (--iterand-period) and
@@ -111,6 +111,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grid-extend", type=int, default=2,
                    help="times the lr grid is extended by one step when its best value is at an edge")
     p.add_argument("--select-density", type=float, default=0.1, help="density at which each lr grid is searched")
+    p.add_argument("--select-seeds", type=int, default=1,
+                   help="seeds 0..N-1 whose mean validation accuracy scores each lr of a grid (1: seed 0 alone; "
+                        "more guards against an lr that one seed survives and others do not, at N times the cost)")
     p.add_argument("--select-per-density", action="store_true",
                    help="search each lr grid at every density of --densities and run each density at its own lr "
                         "(instead of one lr per policy and optimizer, chosen at --select-density; 4x the "
@@ -190,7 +193,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         except ValueError as e:
             p.error(f"--policy-options {policy}: {e}")
     args.policy_options = options
-    for flag in ("epochs", "batch_size", "iterand_period"):
+    for flag in ("epochs", "batch_size", "iterand_period", "select_seeds"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
     for flag in ("train_limit", "val_limit", "test_limit"):
@@ -340,17 +343,21 @@ def _l2_text(l2: float | None) -> str:
 
 def choose_lr(task: str, policy: str, optimizer: str, l2: float | None, lrs: list, splits, args, results,
               density: float) -> tuple:
-    """(val_acc, optimizer, lr, l2): the policy's lr for `optimizer` chosen on validation (seed 0, at `density`)
-    from its grid, extended at an edge (at most --grid-extend times), so every lr is an interior optimum or says
+    """(val_acc, optimizer, lr, l2): the policy's lr for `optimizer` chosen on validation (the mean over seeds
+    0..--select-seeds-1, at `density`) from its grid, extended at an edge (at most --grid-extend times), so every lr is an interior optimum or says
     it is not."""
     def evaluate(lr: float) -> float:
-        run = train_one(task, policy, density, 0, optimizer, lr, splits, args, l2)
-        results.record["selection"].append({"task": task, "policy": policy, "optimizer": optimizer, "lr": lr,
-                                            "density": density, **({} if l2 is None else {"l2": l2}), **run})
-        results.write()
-        print(f"[select] {task} {policy} d={density:g} {optimizer} lr={lr:g}{_l2_text(l2)} val {run['val_acc']:.4f}",
-              flush=True)
-        return run["val_acc"]
+        vals = []
+        for seed in range(args.select_seeds):
+            run = train_one(task, policy, density, seed, optimizer, lr, splits, args, l2)
+            results.record["selection"].append({"task": task, "policy": policy, "optimizer": optimizer, "lr": lr,
+                                                "density": density, "seed": seed,
+                                                **({} if l2 is None else {"l2": l2}), **run})
+            results.write()
+            print(f"[select] {task} {policy} d={density:g} {optimizer} lr={lr:g}{_l2_text(l2)} seed {seed} "
+                  f"val {run['val_acc']:.4f}", flush=True)
+            vals.append(run["val_acc"])
+        return sum(vals) / len(vals)  # NaN if any seed diverged: such an lr is never chosen over a finite one
 
     # a one-value grid is no choice: nothing runs for it
     val, lr, ordered = grid_search(lrs, evaluate, args.grid_extend) if len(lrs) > 1 else (-1.0, lrs[0], [])

@@ -86,6 +86,25 @@ def test_dense_anchor_trains_the_weights_once_per_seed(tmp_path):
     assert point["test_acc"] > 0.5  # 20 steps of dense SGD on 600 MNIST images: 0.69 here (chance 0.10)
 
 
+def test_select_seeds_scores_each_lr_by_the_mean_over_seeds(tmp_path):
+    """--select-seeds 2: every lr of the grid runs seeds 0 and 1, and the lr chosen is the best mean validation
+    accuracy (the lr_choice records that mean), not seed 0's alone."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--policies", "layerwise", "--select-seeds", "2",
+                           "--grid", "layerwise=0.1,0.3", "--grid-extend", "0", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "results.json").read_text())
+    runs = {(s["lr"], s["seed"]): s["val_acc"] for s in record["selection"]}
+    assert sorted(runs) == [(0.1, 0), (0.1, 1), (0.3, 0), (0.3, 1)]
+    means = {lr: (runs[(lr, 0)] + runs[(lr, 1)]) / 2 for lr in (0.1, 0.3)}
+    (choice,) = record["lr_choice"]
+    assert choice["lr"] == max(means, key=means.get) and choice["val_acc"] == pytest.approx(max(means.values()))
+    assert {p["lr"] for p in record["points"]} == {choice["lr"]}
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--select-seeds", "0", "--out", str(tmp_path / "x")],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--select-seeds: must be >= 1, got 0" in bad.stderr
+
+
 def test_optimizer_flag_switches_the_dense_anchor_to_adam(tmp_path):
     """--optimizer dense=adam with a --grid of its own: the config records Adam and the lrs, and the run learns."""
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--policies", "dense", "--optimizer", "dense=adam",
