@@ -4,12 +4,13 @@ Tasks: lenet300 on MNIST and conv4 on Fashion-MNIST. For each (task, policy) the
 validation split from the policy's small grid (seed 0, or the mean of --select-seeds seeds; density
 --select-density; for gem_miner together with its L2 weight λ from --gem-l2, the knob that sets its sparsity, as
 its configs set it per target), then every density x seed runs with it (--select-per-density: each density's lr
-chosen at that density); test accuracy of the final model is reported (gem_miner after its rounding, supermask with its evaluation mask). Every run: frozen
-signed-constant weights (--weight-init: Kaiming normal or uniform instead) with edge-popup's fan scaling
-(--no-scale-fan: scaled for the full fan-in), batch 128, --epochs epochs (one budget for all), cosine schedule, no
-weight decay, the policy's default options (or --policy-options) except iterand's period (--iterand-period) and
-gem_miner's schedule (epochs = --epochs, a freezing every max(1, --epochs // 10) epochs, about nine in any budget:
-with 10 epochs their 8-epoch period would freeze once) and its L2 weight (searched from --gem-l2).
+chosen at that density); test accuracy of the final model is reported (gem_miner after its rounding, supermask
+with its evaluation mask). Every run: frozen signed-constant weights (--weight-init: Kaiming normal or uniform
+instead) with edge-popup's fan scaling (--no-scale-fan: scaled for the full fan-in), batch 128, --epochs epochs
+(one budget for all), cosine schedule, no weight decay, the policy's default options (or --policy-options) except
+iterand's period (--iterand-period) and gem_miner's schedule (epochs = --epochs, a freezing every max(1,
+--epochs // 10) epochs, about nine in any budget: with 10 epochs their 8-epoch period would freeze once) and its L2
+weight (searched from --gem-l2).
 
 Writes results/policy_sweep/<run>/results.json (every selection run and point, rewritten after each), table.md
 (the test accuracies as Markdown, with each cell's optimizer and lr) and policy_sweep.png (test accuracy against
@@ -344,8 +345,8 @@ def _l2_text(l2: float | None) -> str:
 def choose_lr(task: str, policy: str, optimizer: str, l2: float | None, lrs: list, splits, args, results,
               density: float) -> tuple:
     """(val_acc, optimizer, lr, l2): the policy's lr for `optimizer` chosen on validation (the mean over seeds
-    0..--select-seeds-1, at `density`) from its grid, extended at an edge (at most --grid-extend times), so every lr is an interior optimum or says
-    it is not."""
+    0..--select-seeds-1, at `density`) from its grid, extended at an edge (at most --grid-extend times), so every
+    lr is an interior optimum or says it is not."""
     def evaluate(lr: float) -> float:
         vals = []
         for seed in range(args.select_seeds):

@@ -282,9 +282,9 @@ def test_combine_best_keeps_each_density_from_the_run_that_won_on_validation(tmp
     assert layerwise_row == ("| `layerwise` | 97.50 ± 0.00 (adam 0.1) | 97.50 ± 0.00 (sgd 0.1) "
                              "| 98.00 ± 0.00 (sgd 0.1) |  |")  # no layerwise point at density 1
     # a label renames the rows and keeps the choice: each labelled row is scored by its own policy's lr choices
-    labelled = subprocess.run([sys.executable, str(SCRIPT), "--combine", f"{sgd}@{{policy}}-kn", f"{adam}@{{policy}}-kn",
-                               "--combine-best", "--out", str(tmp_path / "labelled")], cwd=REPO, capture_output=True,
-                              text=True, timeout=120)
+    labelled = subprocess.run([sys.executable, str(SCRIPT), "--combine", f"{sgd}@{{policy}}-kn",
+                               f"{adam}@{{policy}}-kn", "--combine-best", "--out", str(tmp_path / "labelled")],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
     assert labelled.returncode == 0, labelled.stderr[-3000:]
     relabelled = json.loads((tmp_path / "labelled" / "results.json").read_text())["points"]
     assert {(p["policy"], p["density"]): p["optimizer"] for p in relabelled} == {
