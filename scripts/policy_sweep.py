@@ -4,7 +4,8 @@ Tasks: lenet300 on MNIST and conv4 on Fashion-MNIST. For each (task, policy) the
 validation split from the policy's small grid (seed 0, or the mean of --select-seeds seeds; density
 --select-density; for gem_miner together with its L2 weight λ from --gem-l2, the knob that sets its sparsity, as
 its configs set it per target), then every density x seed runs with it (--select-per-density: each density's lr
-chosen at that density); test accuracy of the final model is reported (gem_miner after its rounding, supermask
+chosen at that density); a final run equal to a selection run is not trained again (training is deterministic)
+and is marked reused; test accuracy of the final model is reported (gem_miner after its rounding, supermask
 with its evaluation mask). Every run: frozen signed-constant weights (--weight-init: Kaiming normal or uniform
 instead) with edge-popup's fan scaling (--no-scale-fan: scaled for the full fan-in), batch 128, --epochs epochs
 (one budget for all), cosine schedule, no weight decay, the policy's default options (or --policy-options) except
@@ -338,19 +339,30 @@ def table(record: dict) -> str:
     return "\n".join(lines)
 
 
+def train_cached(runs: dict, task: str, policy: str, density: float, seed: int, optimizer: str, lr: float, splits,
+                 args, l2: float | None = None) -> dict:
+    """train_one, run once per (task, policy, density, seed, optimizer, lr, λ): training is deterministic, so a final
+    run equal to a selection run returns that run's result, marked reused, instead of training again."""
+    key = (task, policy, density, seed, optimizer, lr, l2)
+    if key in runs:
+        return {**runs[key], "reused": True}
+    runs[key] = train_one(task, policy, density, seed, optimizer, lr, splits, args, l2)
+    return runs[key]
+
+
 def _l2_text(l2: float | None) -> str:
     return "" if l2 is None else f" l2={l2:g}"
 
 
 def choose_lr(task: str, policy: str, optimizer: str, l2: float | None, lrs: list, splits, args, results,
-              density: float) -> tuple:
+              density: float, runs: dict) -> tuple:
     """(val_acc, optimizer, lr, l2): the policy's lr for `optimizer` chosen on validation (the mean over seeds
     0..--select-seeds-1, at `density`) from its grid, extended at an edge (at most --grid-extend times), so every
     lr is an interior optimum or says it is not."""
     def evaluate(lr: float) -> float:
         vals = []
         for seed in range(args.select_seeds):
-            run = train_one(task, policy, density, seed, optimizer, lr, splits, args, l2)
+            run = train_cached(runs, task, policy, density, seed, optimizer, lr, splits, args, l2)
             results.record["selection"].append({"task": task, "policy": policy, "optimizer": optimizer, "lr": lr,
                                                 "density": density, "seed": seed,
                                                 **({} if l2 is None else {"l2": l2}), **run})
@@ -375,8 +387,11 @@ def _validation_at(record: dict, path: str) -> dict[tuple[str, str, float], floa
     scores: dict[tuple[str, str, float], float] = {}
     for choice in record.get("lr_choice", []):
         task, policy = choice["task"], choice["policy"]
-        at = 1.0 if policy == DENSE else choice.get("density") if record["config"].get("select_per_density") else None
-        if at is None:
+        if policy == DENSE:
+            at = 1.0
+        elif record["config"].get("select_per_density"):
+            at = choice["density"]
+        else:
             raise SystemExit(f"policy_sweep: --combine-best: {path} chose {policy}'s lr at one density for all; "
                              f"compare runs made with --select-per-density")
         scores[(task, policy, at)] = max(scores.get((task, policy, at), -1.0), choice["val_acc"])
@@ -446,6 +461,7 @@ def main(argv=None) -> int:
     config["grids"] = {p: search_grids(p, args) for p in args.policies}
     results = Results(folder, config)
     results.record["selection"] = []
+    runs: dict = {}  # every finished run, for train_cached
     for task in args.tasks:
         _, dataset = TASKS[task]
         splits = data.load(dataset).normalize()
@@ -454,14 +470,14 @@ def main(argv=None) -> int:
             per_density = args.select_per_density and policy != DENSE
             best = {}  # selection density -> the best (val, optimizer, lr, λ) on validation there
             for at in (densities if per_density else [args.select_density]):
-                choices = [choose_lr(task, policy, optimizer, l2, lrs, splits, args, results, at)
+                choices = [choose_lr(task, policy, optimizer, l2, lrs, splits, args, results, at, runs)
                            for optimizer, lrs in config["grids"][policy].items()
                            for l2 in (args.gem_l2 if policy == "gem_miner" else [None])]
                 best[at] = max(choices, key=lambda c: c[0])
             for density in densities:
                 _, optimizer, lr, l2 = best[density if per_density else args.select_density]
                 for seed in args.seeds:
-                    run = train_one(task, policy, density, seed, optimizer, lr, splits, args, l2)
+                    run = train_cached(runs, task, policy, density, seed, optimizer, lr, splits, args, l2)
                     results.add({"task": task, "policy": policy, "density": density, "seed": seed,
                                  "optimizer": optimizer, "lr": lr, **({} if l2 is None else {"l2": l2}), **run})
                     print(f"{task} {policy} d={density:g} seed={seed} {optimizer} lr={lr:g}{_l2_text(l2)} "

@@ -100,6 +100,10 @@ def test_select_seeds_scores_each_lr_by_the_mean_over_seeds(tmp_path):
     (choice,) = record["lr_choice"]
     assert choice["lr"] == max(means, key=means.get) and choice["val_acc"] == pytest.approx(max(means.values()))
     assert {p["lr"] for p in record["points"]} == {choice["lr"]}
+    # the final point at the selection density (--quick: 0.5, seed 0) is its selection run, not trained again
+    (again,) = [p for p in record["points"] if p["density"] == 0.5]
+    assert again.get("reused") and again["val_acc"] == runs[(choice["lr"], 0)]
+    assert not any(p.get("reused") for p in record["points"] if p["density"] != 0.5)
     bad = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--select-seeds", "0", "--out", str(tmp_path / "x")],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--select-seeds: must be >= 1, got 0" in bad.stderr
