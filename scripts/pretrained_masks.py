@@ -24,11 +24,14 @@ arbitrary assignment the mask has to undo) and every masked arm stores exactly o
 "fresh" (Piggyback's choice) leaves the output layer unmasked in every masked arm alike and trains a new dense
 one (seeded default init) with the mask, in the same optimizer: 100x10 float32 weights more per task.
 
-Learning rates: each arm's lr is chosen on its task's validation split (seed 0) from a grid of three values
-spanning 10x; a best value at an edge of the grid extends it by one step on that side (at most --grid-extend
-times), and whether the choice stayed at an edge is recorded. The final runs use seeds --seeds (for the
-pretrained arm, seed s also pretrains its own MNIST backbone). A final run whose (arm, seed, lr, setting) equals a
-selection run is not repeated (training is deterministic): it is marked reused.
+Optimizer and learning rate: each arm searches SGD (momentum 0.9) and Adam (--optimizers all, the default; "arm"
+searches only the arm's first optimizer in GRIDS, as the first runs did), each over a grid of three lrs spanning
+10x, on its task's validation split (seed 0); a best value at an edge of a grid extends it by one step on that side
+(at most --grid-extend times), whether the choice stayed at an edge is recorded, and the (optimizer, lr) with the
+best validation accuracy runs the final seeds. The MNIST backbone is trained with SGD, its lr chosen the same way.
+The final runs use seeds --seeds (for the pretrained arm, seed s also pretrains its own MNIST backbone). A final
+run whose (arm, seed, optimizer, lr, setting) equals a selection run is not repeated (training is deterministic):
+it is marked reused.
 
 Storage per task: a mask is 1 bit per weight (its entropy H(f) bits per weight is the bound for a compressed
 one); dense weights are 32 bits each. The masked arms share a frozen backbone across tasks: the float32 MNIST
@@ -59,15 +62,17 @@ from maskprune import data, models  # noqa: E402
 
 ARMS = ("pretrained_threshold", "dense_fashion", "random_threshold", "random_layerwise")
 MASKED_ARMS = ("pretrained_threshold", "random_threshold", "random_layerwise")
-# (optimizer, lr grid): SGD with momentum 0.9 for dense training and the top-k rule (edge-popup's 0.1 in the
-# middle), Adam for the thresholded raw scores (Piggyback trains its masks with Adam).
+# {optimizer: lr grid} per arm, the arm's own optimizer first (--optimizers arm searches only that one): SGD with
+# momentum 0.9 for dense training and the top-k rule (edge-popup's 0.1 in the middle), Adam for the thresholded raw
+# scores (Piggyback trains its masks with Adam). The second grids are those policy_sweep found interior on lenet300.
 GRIDS = {
-    "pretrain_mnist": ("sgd", (0.01, 0.03, 0.1)),
-    "dense_fashion": ("sgd", (0.01, 0.03, 0.1)),
-    "pretrained_threshold": ("adam", (0.0003, 0.001, 0.003)),
-    "random_threshold": ("adam", (0.0003, 0.001, 0.003)),
-    "random_layerwise": ("sgd", (0.03, 0.1, 0.3)),
+    "pretrain_mnist": {"sgd": (0.01, 0.03, 0.1)},
+    "dense_fashion": {"sgd": (0.01, 0.03, 0.1), "adam": (0.0003, 0.001, 0.003)},
+    "pretrained_threshold": {"adam": (0.0003, 0.001, 0.003), "sgd": (0.03, 0.1, 0.3)},
+    "random_threshold": {"adam": (0.0003, 0.001, 0.003), "sgd": (0.03, 0.1, 0.3)},
+    "random_layerwise": {"sgd": (0.03, 0.1, 0.3), "adam": (0.0003, 0.001, 0.003)},
 }
+OPTIMIZER_SEARCH = ("all", "arm")
 TAU, KEPT_SCORE, DROPPED_SCORE = 5e-3, 1e-2, 0.0  # the threshold policy's τ and defaults (maskprune.masks.threshold)
 FLOAT_BITS, SEED_BITS = 32, 64
 HEAD = "layers.5"  # lenet300's output Linear (Flatten, Linear, ReLU, Linear, ReLU, Linear)
@@ -83,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head", default="masked", choices=HEADS,
                    help="masked: the output layer is masked like the others; fresh: every masked arm leaves it "
                         "unmasked and trains a new dense output layer (float32 weights per task) with its mask")
+    p.add_argument("--optimizers", default="all", choices=OPTIMIZER_SEARCH,
+                   help="all: every arm searches SGD and Adam and keeps the better on validation; arm: only the "
+                        "arm's own optimizer (SGD for dense training and layerwise, Adam for threshold)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=10, help="the budget of every arm on Fashion-MNIST")
     p.add_argument("--pretrain-epochs", type=int, default=10, help="dense MNIST training of the backbone")
@@ -113,6 +121,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.seeds, args.epochs, args.pretrain_epochs, args.batch_size = [0], 2, 2, 64
         args.train_limit, args.val_limit, args.test_limit, args.grid_extend = 600, 500, 1000, 1
     return args
+
+
+def search_grids(args, arm: str) -> dict[str, tuple]:
+    """{optimizer: lrs} the arm searches: both optimizers or its own (--optimizers), two lrs each with --quick."""
+    grids = GRIDS[arm] if args.optimizers == "all" else dict([next(iter(GRIDS[arm].items()))])
+    return {opt: lrs[1:] if args.quick else lrs for opt, lrs in grids.items()}
 
 
 def _limit(x, y, n):
@@ -159,18 +173,17 @@ class Experiment:
         self.mnist = data.load("mnist").normalize()
         self.fashion = data.load("fashion-mnist").normalize()
         self.backbones: dict[int, dict] = {}  # seed -> state_dict of the dense MNIST lenet300
-        self.pretrain_lr: float | None = None
+        self.pretrain: tuple[str, float] | None = None  # the backbone's (optimizer, lr)
         self.target: float | None = None  # pretrained_threshold's mean final kept fraction
-        self.cache: dict[tuple, dict] = {}  # (arm, seed, lr) of selection runs -> result
+        self.cache: dict[tuple, dict] = {}  # (arm, seed, optimizer, lr) of selection runs -> result
 
     # -- one run of each arm -------------------------------------------------------------------
-    def run(self, arm: str, seed: int, lr: float) -> dict:
-        key = (arm, seed, lr)
+    def run(self, arm: str, seed: int, optimizer_name: str, lr: float) -> dict:
+        key = (arm, seed, optimizer_name, lr)
         if key in self.cache:
             return {**self.cache[key], "reused": True}
         args = self.args
-        optimizer_name = GRIDS[arm][0]
-        label = f"{arm} s{seed} lr={lr:g}"
+        label = f"{arm} s{seed} {optimizer_name} lr={lr:g}"
         seed_everything(seed)
         if arm == "pretrain_mnist":
             model = _lenet(self.mnist)
@@ -230,44 +243,51 @@ class Experiment:
 
     def backbone(self, seed: int) -> dict:
         if seed not in self.backbones:
-            out = self.run("pretrain_mnist", seed, self.pretrain_lr)
+            optimizer_name, lr = self.pretrain
+            out = self.run("pretrain_mnist", seed, optimizer_name, lr)
             self.backbones[seed] = out.pop("state")
-            self.results.record["pretrain"].append({"seed": seed, "lr": self.pretrain_lr, **out})
+            self.results.record["pretrain"].append({"seed": seed, "optimizer": optimizer_name, "lr": lr, **out})
             self.results.write()
-            tqdm.write(f"[pretrain] mnist seed {seed} lr={self.pretrain_lr:g} test {out['test_acc']:.4f}")
+            tqdm.write(f"[pretrain] mnist seed {seed} {optimizer_name} lr={lr:g} test {out['test_acc']:.4f}")
         return self.backbones[seed]
 
-    # -- the lr choice -------------------------------------------------------------------------
-    def select(self, arm: str) -> float:
-        """The lr with the best validation accuracy (seed 0), the grid extended at an edge."""
-        lrs = GRIDS[arm][1][1:] if self.args.quick else GRIDS[arm][1]
+    # -- the optimizer and lr choice ------------------------------------------------------------
+    def select(self, arm: str) -> tuple[str, float]:
+        """The (optimizer, lr) with the best validation accuracy (seed 0), each optimizer's grid extended at an edge;
+        every grid searched is recorded in lr_choice, the winner marked chosen."""
+        choices = []
+        for optimizer_name, lrs in search_grids(self.args, arm).items():
+            def one(lr: float, optimizer_name=optimizer_name) -> float:
+                out = self.run(arm, 0, optimizer_name, lr)
+                if arm == "pretrain_mnist":  # seed 0's backbone at this lr
+                    self.backbones.setdefault(-1, {})[(optimizer_name, lr)] = out.pop("state")
+                self.cache[(arm, 0, optimizer_name, lr)] = out
+                self.results.record["selection"].append(
+                    {"arm": arm, "seed": 0, "optimizer": optimizer_name, "lr": lr, **out})
+                self.results.write()
+                tqdm.write(f"[select] {arm} {optimizer_name} lr={lr:g} val {out['val_acc']:.4f}")
+                return out["val_acc"]
 
-        def one(lr: float) -> float:
-            out = self.run(arm, 0, lr)
-            if arm == "pretrain_mnist":
-                self.backbones.setdefault(-1, {})[lr] = out.pop("state")  # seed 0's backbone at this lr
-            self.cache[(arm, 0, lr)] = out
-            self.results.record["selection"].append({"arm": arm, "seed": 0, "lr": lr, **out})
+            val, lr, ordered = grid_search(list(lrs), one, self.args.grid_extend)
+            choices.append({"arm": arm, "optimizer": optimizer_name, "lr": lr, "val_acc": val, "grid": ordered,
+                            "at_edge": lr in (ordered[0], ordered[-1])})
+        best = max(choices, key=lambda c: c["val_acc"])  # the first optimizer wins a tie
+        for c in choices:
+            self.results.record["lr_choice"].append({**c, "chosen": c is best})
+        if arm == "pretrain_mnist":  # seed 0's backbone is the selection run at the chosen (optimizer, lr)
+            self.pretrain = (best["optimizer"], best["lr"])
+            self.backbones[0] = self.backbones.pop(-1)[self.pretrain]
+            out = dict(self.cache[(arm, 0, *self.pretrain)])
+            self.results.record["pretrain"].append(
+                {"seed": 0, "optimizer": best["optimizer"], "lr": best["lr"], **out, "reused": True})
             self.results.write()
-            tqdm.write(f"[select] {arm} lr={lr:g} val {out['val_acc']:.4f}")
-            return out["val_acc"]
+        return best["optimizer"], best["lr"]
 
-        val, lr, ordered = grid_search(lrs, one, self.args.grid_extend)
-        self.results.record["lr_choice"].append(
-            {"arm": arm, "lr": lr, "val_acc": val, "grid": ordered, "at_edge": lr in (ordered[0], ordered[-1])})
-        if arm == "pretrain_mnist":  # seed 0's backbone is the selection run at the chosen lr
-            self.pretrain_lr = lr
-            self.backbones[0] = self.backbones.pop(-1)[lr]
-            out = dict(self.cache[(arm, 0, lr)])
-            self.results.record["pretrain"].append({"seed": 0, "lr": lr, **out, "reused": True})
-            self.results.write()
-        return lr
-
-    def finals(self, arm: str, lr: float) -> None:
+    def finals(self, arm: str, optimizer_name: str, lr: float) -> None:
         for seed in self.args.seeds:
-            out = self.run(arm, seed, lr)
-            self.results.add({"arm": arm, "seed": seed, "lr": lr, **out})
-            tqdm.write(f"{arm} seed={seed} lr={lr:g} test {out['test_acc']:.4f} "
+            out = self.run(arm, seed, optimizer_name, lr)
+            self.results.add({"arm": arm, "seed": seed, "optimizer": optimizer_name, "lr": lr, **out})
+            tqdm.write(f"{arm} seed={seed} {optimizer_name} lr={lr:g} test {out['test_acc']:.4f} "
                        f"kept {out.get('kept_fraction', 1.0):.4f} ({out['train_seconds']:.1f}s)")
 
 
@@ -279,7 +299,8 @@ def summarize(record: dict) -> list[dict]:
             continue
         acc_m, acc_s = mean_std(p["test_acc"] for p in pts)
         kept_m, kept_s = mean_std(p["kept_fraction"] for p in pts)
-        row = {"arm": arm, "lr": pts[0]["lr"], "seeds": len(pts), "test_acc_mean": acc_m, "test_acc_std": acc_s,
+        row = {"arm": arm, "optimizer": pts[0]["optimizer"], "lr": pts[0]["lr"], "seeds": len(pts),
+               "test_acc_mean": acc_m, "test_acc_std": acc_s,
                "kept_fraction_mean": kept_m, "kept_fraction_std": kept_s, "task_bits": pts[0]["task_bits"],
                "shared_bits": pts[0]["shared_bits"], "weights": pts[0]["weights"]}
         if "mask_entropy_bits" in pts[0]:
@@ -304,6 +325,7 @@ def plot(record: dict, path: Path) -> None:
     names = [r["arm"].replace("_", "\n") for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
     colors = ["C0" if r["arm"] in MASKED_ARMS else "C3" for r in rows]
+    names = [f"{n}\n({r['optimizer']})" for n, r in zip(names, rows)]
     ax1.bar(names, [100 * r["test_acc_mean"] for r in rows], yerr=[100 * r["test_acc_std"] for r in rows],
             capsize=4, color=colors)
     for i, r in enumerate(rows):
@@ -316,7 +338,8 @@ def plot(record: dict, path: Path) -> None:
     cfg = record["config"]
     ax1.set_title(f"lenet300, {cfg['epochs']} epochs, mean ± std over seeds {cfg['seeds']}", fontsize=9)
     ax1.tick_params(axis="x", labelsize=8)
-    ax2.bar(names, [r["task_bits"] / 8 / 1024 for r in rows], color=colors, label="per task: 1 bit / 32 bits per weight")
+    ax2.bar(names, [r["task_bits"] / 8 / 1024 for r in rows], color=colors,
+            label="per task: 1 bit / 32 bits per weight")
     ent = [r.get("mask_entropy_bits_mean", r["task_bits"]) / 8 / 1024 for r in rows]
     ax2.scatter(range(len(rows)), ent, color="k", zorder=3, marker="_", s=400, label="entropy bound of the mask")
     ax2.set_yscale("log")
@@ -336,7 +359,7 @@ def main(argv=None) -> int:
     config = {k: v for k, v in vars(args).items() if k not in ("run", "out")}
     config.update(model="lenet300", bias=False, head=args.head,
                   tau=TAU, score_init=KEPT_SCORE, weight_decay=0.0, momentum=0.9,
-                  grids={a: {"optimizer": GRIDS[a][0], "lrs": list(GRIDS[a][1][1:] if args.quick else GRIDS[a][1])}
+                  grids={a: {opt: list(lrs) for opt, lrs in search_grids(args, a).items()}
                          for a in ("pretrain_mnist", *args.arms)})
     results = Results(folder, config)
     results.record.update(selection=[], lr_choice=[], pretrain=[])
@@ -351,14 +374,13 @@ def main(argv=None) -> int:
             exp.target = mean_std(kept)[0]
             results.record["target_kept_fraction"] = exp.target
             tqdm.write(f"random arms keep the fraction {exp.target:.4f} (pretrained_threshold's mean)")
-        lr = exp.select(arm)
-        exp.finals(arm, lr)
+        exp.finals(arm, *exp.select(arm))
     results.record["summary"] = summarize(results.record)
     plot(results.record, folder / "pretrained_masks.png")
     results.finish()
     for r in results.record["summary"]:
         print(f"{r['arm']:22s} test {100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f} %  "
-              f"kept {r['kept_fraction_mean']:.4f}  {r['task_bits']:,} bits/task  lr {r['lr']:g}")
+              f"kept {r['kept_fraction_mean']:.4f}  {r['task_bits']:,} bits/task  {r['optimizer']} lr {r['lr']:g}")
     print(f"wrote {folder / 'results.json'} and {folder / 'pretrained_masks.png'}")
     return 0
 

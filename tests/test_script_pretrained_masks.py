@@ -32,17 +32,27 @@ def test_every_arm_ran_with_its_chosen_lr(record):
     steps = -(-cfg["train_limit"] // cfg["batch_size"]) * cfg["epochs"]
     for p in record["points"]:
         assert 0.0 <= p["test_acc"] <= 1.0 and p["steps"] == steps and not p["diverged"]
-    # each lr is the best on validation among the tried ones; a best at an edge extended the grid once
+    # per arm, each optimizer's lr is the best on validation among its tried ones (a best at an edge extended the
+    # grid once), and the chosen (optimizer, lr) is the best of all the arm's selection runs
     for choice in record["lr_choice"]:
-        tried = [s for s in record["selection"] if s["arm"] == (choice["arm"])]
+        arm, opt = choice["arm"], choice["optimizer"]
+        tried = [s for s in record["selection"] if (s["arm"], s["optimizer"]) == (arm, opt)]
         assert sorted(s["lr"] for s in tried) == choice["grid"]
         assert choice["lr"] == max(tried, key=lambda s: s["val_acc"])["lr"]
-        base = cfg["grids"][choice["arm"]]["lrs"]
+        base = cfg["grids"][arm][opt]
         assert set(base) <= set(choice["grid"]) and len(choice["grid"]) <= len(base) + cfg["grid_extend"]
         if len(choice["grid"]) == len(base):
             assert not choice["at_edge"]
-        if choice["arm"] != "pretrain_mnist":
-            assert {p["lr"] for p in record["points"] if p["arm"] == choice["arm"]} == {choice["lr"]}
+        if choice["chosen"]:
+            every = [s for s in record["selection"] if s["arm"] == arm]
+            assert choice["val_acc"] == max(s["val_acc"] for s in every)
+            if arm != "pretrain_mnist":
+                assert {(p["optimizer"], p["lr"]) for p in record["points"] if p["arm"] == arm} == {(opt, choice["lr"])}
+    for arm in ["pretrain_mnist", *ARMS]:
+        searched = [c["optimizer"] for c in record["lr_choice"] if c["arm"] == arm]
+        assert searched == list(cfg["grids"][arm]) == (["sgd"] if arm == "pretrain_mnist" else searched)
+        assert sum(c["chosen"] for c in record["lr_choice"] if c["arm"] == arm) == 1
+    assert set(cfg["grids"]["dense_fashion"]) == {"sgd", "adam"}  # --optimizers all (the default) searches both
     assert {c["arm"] for c in record["lr_choice"]} == {"pretrain_mnist", *ARMS}
     # seed 0's final run is its selection run at the chosen lr (deterministic training), reused
     assert all(p.get("reused") for p in record["points"])
@@ -78,6 +88,7 @@ def test_kept_fractions_and_bits(record):
     ("--arms", "random_layerwise", "--arms: random_threshold and random_layerwise take their kept fraction"),
     ("--epochs", "0", "--epochs: must be >= 1, got 0"),
     ("--grid-extend", "-1", "--grid-extend: must be >= 0, got -1"),
+    ("--optimizers", "both", "--optimizers: invalid choice: 'both'"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(tmp_path, capsys, flag, value, message):
     sys.path.insert(0, str(SCRIPT.parent))
@@ -96,11 +107,14 @@ def test_bad_flags_exit_2_naming_the_flag(tmp_path, capsys, flag, value, message
 def test_fresh_head_trains_a_dense_output_layer_in_every_masked_arm(tmp_path):
     out = tmp_path / "fresh"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--head", "fresh", "--arms",
-                           "pretrained_threshold,random_layerwise", "--out", str(out)], cwd=REPO,
+                           "pretrained_threshold,random_layerwise", "--optimizers", "arm", "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((out / "results.json").read_text())
     assert record["config"]["head"] == "fresh"
+    # --optimizers arm: each arm searches only its own optimizer (Adam for threshold, SGD for layerwise)
+    assert {c["arm"]: c["optimizer"] for c in record["lr_choice"]} == {
+        "pretrain_mnist": "sgd", "pretrained_threshold": "adam", "random_layerwise": "sgd"}
     masked = 784 * 300 + 300 * 100
     for p in record["points"]:
         assert p["weights"] == masked and len(p["layer_fractions"]) == 2 and p["head_bits"] == 32 * 100 * 10
