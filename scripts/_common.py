@@ -203,6 +203,11 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tenso
     return loss_sum / max(seen, 1)
 
 
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    """SGD with momentum 0.9 (no weight decay) or Adam at its defaults, the two the grids use."""
+    return torch.optim.SGD(params, lr=lr, momentum=0.9) if name == "sgd" else torch.optim.Adam(params, lr=lr)
+
+
 def fit_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
                epochs: int, batch_size: int, seed: int, label: str | None = None) -> dict:
     """Mask training as maskprune's trainer runs a policy: the per-step cosine schedule, the policy's penalty

@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (Results, accuracy, fit_policy, grid_search, mean_std, option_list, run_dir,  # noqa: E402
-                     seed_everything, setup_threads)
+from _common import (Results, accuracy, fit_policy, grid_search, make_optimizer, mean_std, option_list,  # noqa: E402
+                     run_dir, seed_everything, setup_threads)
 
 import maskprune  # noqa: E402
 from maskprune import data, masks, models  # noqa: E402
@@ -68,11 +68,6 @@ GRIDS = {
     DENSE: {"sgd": (0.01, 0.03, 0.1), "adam": (0.0003, 0.001, 0.003)},
 }
 OPTIMIZERS = ("sgd", "adam")
-
-
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    """SGD with momentum 0.9 (no weight decay) or Adam at its defaults, the two the grids use."""
-    return torch.optim.SGD(params, lr=lr, momentum=0.9) if name == "sgd" else torch.optim.Adam(params, lr=lr)
 
 
 def search_grids(policy: str, args) -> dict[str, list[float]]:

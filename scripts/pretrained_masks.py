@@ -54,8 +54,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (Results, accuracy, fit_policy, grid_search, mean_std, option_list, run_dir,  # noqa: E402
-                     seed_everything, setup_threads)
+from _common import (Results, accuracy, fit_policy, grid_search, make_optimizer, mean_std, option_list,  # noqa: E402
+                     run_dir, seed_everything, setup_threads)
 
 import maskprune  # noqa: E402
 from maskprune import data, models  # noqa: E402
@@ -125,7 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def search_grids(args, arm: str) -> dict[str, tuple]:
     """{optimizer: lrs} the arm searches: both optimizers or its own (--optimizers), two lrs each with --quick."""
-    grids = GRIDS[arm] if args.optimizers == "all" else dict([next(iter(GRIDS[arm].items()))])
+    grids = GRIDS[arm] if args.optimizers == "all" else dict(list(GRIDS[arm].items())[:1])
     return {opt: lrs[1:] if args.quick else lrs for opt, lrs in grids.items()}
 
 
@@ -139,8 +139,7 @@ def _lenet(splits) -> torch.nn.Module:
 
 def fit(model, params, optimizer_name: str, lr: float, splits, seed: int, epochs: int, args, label: str) -> dict:
     """Minibatch training (cosine schedule per step, the policies' hooks); stops at a non-finite loss."""
-    optimizer = (torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer_name == "sgd"
-                 else torch.optim.Adam(params, lr=lr))
+    optimizer = make_optimizer(optimizer_name, params, lr)
     x, y = _limit(splits.train_x, splits.train_y, args.train_limit)
     t0 = time.perf_counter()
     run = fit_policy(model, optimizer, x, y, epochs=epochs, batch_size=args.batch_size, seed=seed, label=label)
@@ -322,10 +321,9 @@ def plot(record: dict, path: Path) -> None:
         print("pretrained_masks: matplotlib is not installed; no PNG written", file=sys.stderr)
         return
     rows = record["summary"]
-    names = [r["arm"].replace("_", "\n") for r in rows]
+    names = ["\n".join([*r["arm"].split("_"), f"({r['optimizer']})"]) for r in rows]  # arm, one word a line
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
     colors = ["C0" if r["arm"] in MASKED_ARMS else "C3" for r in rows]
-    names = [f"{n}\n({r['optimizer']})" for n, r in zip(names, rows)]
     ax1.bar(names, [100 * r["test_acc_mean"] for r in rows], yerr=[100 * r["test_acc_std"] for r in rows],
             capsize=4, color=colors)
     for i, r in enumerate(rows):
