@@ -165,12 +165,16 @@ def register_backend(backend: Backend) -> None:
     BACKENDS[backend.name] = backend
 
 
+def _backend_order(device: torch.device) -> list[str]:
+    """Every registered backend's name, in the order "auto" tries them on `device`."""
+    order = AUTO_ORDER.get(device.type, ("torch",))
+    return [n for n in order if n in BACKENDS] + [n for n in BACKENDS if n not in order]
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """The backends that run on `device`, in the order "auto" tries them."""
     device = torch.device(device)
-    order = AUTO_ORDER.get(device.type, ("torch",))
-    names = [n for n in order if n in BACKENDS] + [n for n in BACKENDS if n not in order]
-    return [n for n in names if BACKENDS[n].is_available(device)]
+    return [n for n in _backend_order(device) if BACKENDS[n].is_available(device)]
 
 
 def check_backend_name(backend: str) -> str:
@@ -189,8 +193,8 @@ def check_backend_name(backend: str) -> str:
 def resolve_backend(backend: str, device: torch.device) -> Backend:
     """The Backend for a name ("auto" = the first available in AUTO_ORDER) on a device."""
     check_backend_name(backend)
-    if backend == "auto":
-        return BACKENDS[available_backends(device)[0]]
+    if backend == "auto":  # the first available; the ones after it are not asked (this runs on every op call)
+        return next(BACKENDS[n] for n in _backend_order(device) if BACKENDS[n].is_available(device))
     chosen = BACKENDS[backend]
     if not chosen.is_available(device):
         why = ""

@@ -6,6 +6,7 @@ cases are skipped with "needs a CUDA GPU" on machines without one.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 
@@ -138,6 +139,21 @@ def test_backend_table():
         assert ops.available_backends("cpu")[0] == "cpp"
     for name in ops.available_backends("cpu"):
         assert ops.resolve_backend(name, torch.device("cpu")).name == name
+
+
+def test_auto_asks_no_backend_after_the_first_available(monkeypatch):
+    """resolve_backend runs on every op call: "auto" stops at the first available backend (on CPU, cpp or
+    torch) instead of asking every registered one (triton's check reads the environment)."""
+    asked = []
+    for name, backend in list(ops.BACKENDS.items()):
+        def is_available(device, name=name, inner=backend.is_available):
+            asked.append(name)
+            return inner(device)
+        monkeypatch.setitem(ops.BACKENDS, name, dataclasses.replace(backend, is_available=is_available))
+    first = ops.available_backends("cpu")[0]
+    asked.clear()
+    assert ops.resolve_backend("auto", torch.device("cpu")).name == first
+    assert asked == [first]
 
 
 @pytest.mark.parametrize("bad", ["nope", "", "Torch", None, 3])
