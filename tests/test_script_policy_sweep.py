@@ -181,8 +181,8 @@ def test_optimizer_flag_searches_two_optimizers_and_keeps_the_best(tmp_path):
 
 
 def test_optimizer_all_searches_each_policys_default_grids():
-    """all=sgd,adam: policies with both default grids search both; supermask (SGD only) and threshold (Adam only)
-    keep theirs; a policy named on its own overrides all."""
+    """all=sgd,adam: every policy searches both its default grids, SGD's first; a policy named on its own
+    overrides all; without --optimizer each searches its first grid only."""
     sys.path.insert(0, str(SCRIPT.parent))
     try:
         import policy_sweep
@@ -191,13 +191,16 @@ def test_optimizer_all_searches_each_policys_default_grids():
     args = policy_sweep.parse_args(["--optimizer", "all=sgd,adam", "--optimizer", "signed=adam"])
     grids = {p: policy_sweep.search_grids(p, args) for p in policy_sweep.GRIDS}
     assert list(grids["layerwise"]) == ["sgd", "adam"] and list(grids["dense"]) == ["sgd", "adam"]
-    assert list(grids["supermask"]) == ["sgd"] and list(grids["threshold"]) == ["adam"]
+    assert all(list(grids[p]) == ["sgd", "adam"] for p in policy_sweep.GRIDS if p != "signed")
+    assert grids["supermask"]["adam"] == [0.03, 0.1, 0.3] and grids["gem_miner"]["sgd"] == [1.0, 3.0, 10.0]
     assert list(grids["signed"]) == ["adam"]
+    default = policy_sweep.parse_args([])
+    assert {p: list(policy_sweep.search_grids(p, default)) for p in ("supermask", "gem_miner", "threshold")} == {
+        "supermask": ["sgd"], "gem_miner": ["adam"], "threshold": ["adam"]}
 
 
 @pytest.mark.parametrize("flag, value, message", [
     ("--optimizer", "dense=rmsprop", "--optimizer: unknown optimizer 'rmsprop'"),
-    ("--optimizer", "supermask=adam", "--optimizer: supermask has no default adam grid; give one with --grid"),
     ("--optimizer", "popup=adam", "--optimizer: unknown policy 'popup'"),
     ("--policies", "layerwise,popup", "--policies: unknown policy 'popup'"),
     ("--densities", "0.5,2", r"--densities: every value must be in \[0.0001, 1.0\], got 2.0"),
