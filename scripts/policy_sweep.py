@@ -52,13 +52,13 @@ TASKS = {"lenet300-mnist": ("lenet300", "mnist"), "conv4-fashion": ("conv4", "fa
 POLICIES = ("layerwise", "global", "supermask", "biprop", "signed", "iterand", "gem_miner", "threshold")
 DENSE = "dense"  # the anchor: the same network with its weights trained (not in the default --policies)
 # Learning-rate grids per policy and optimizer; the first optimizer listed is the one a policy searches by default.
-# Every policy has an SGD (momentum 0.9) and an Adam grid; the first is what it searches by default: SGD for the
-# top-k rules (edge-popup's 0.1 in the middle) and the dense anchor, SGD at Zhou et al.'s lr-100 scale for supermask,
-# Adam for the [0, 1] and thresholded scores. The second grid is searched only when asked (--optimizer
-# POLICY=sgd,adam or all=sgd,adam): on conv4 / Fashion-MNIST Adam at ~1e-4 beat every SGD lr for the top-k rules and
-# Adam beat SGD for the dense network, so a fair comparison searches both. The second grids are those the lenet300 /
-# MNIST table searched: supermask's Adam lr acts on logits (on MNIST 0.1 learns, 0.01 barely moves in 300 steps),
-# gem_miner's SGD lr on [0, 1] scores whose gradients are small (1-10), threshold's SGD at the top-k rules' scale.
+# Every policy has an SGD (momentum 0.9) and an Adam grid. First: SGD for the top-k rules (edge-popup's 0.1 in the
+# middle) and the dense anchor, SGD at Zhou et al.'s lr-100 scale for supermask, Adam for the [0, 1] and thresholded
+# scores. The second grid is searched only when asked (--optimizer POLICY=sgd,adam or all=sgd,adam): on conv4 /
+# Fashion-MNIST Adam at ~1e-4 beat every SGD lr for the top-k rules and Adam beat SGD for the dense network, so a
+# fair comparison searches both. The second grids are those the lenet300 / MNIST table searched: Adam at 0.03-0.3 for
+# supermask's logits (on MNIST 0.1 learns, 0.01 barely moves them in 300 steps), SGD at 1-10 for gem_miner's [0, 1]
+# scores (their gradients are small), SGD at the top-k rules' scale for threshold.
 GRIDS = {
     "layerwise": {"sgd": (0.03, 0.1, 0.3), "adam": (3e-5, 1e-4, 3e-4)},
     "global": {"sgd": (0.03, 0.1, 0.3), "adam": (3e-5, 1e-4, 3e-4)},
