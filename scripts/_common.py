@@ -14,6 +14,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -209,12 +210,14 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 
 
 def fit_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
-               epochs: int, batch_size: int, seed: int, label: str | None = None) -> dict:
+               epochs: int, batch_size: int, seed: int, label: str | None = None,
+               on_step: Callable[[torch.nn.Module, int, float], None] | None = None) -> dict:
     """Mask training as maskprune's trainer runs a policy: the per-step cosine schedule, the policy's penalty
     added to the cross-entropy, its gradient, step and epoch hooks, its finalize after the last epoch. Stops before the
     step at a non-finite loss. Returns steps taken, whether it diverged, and the last epoch's mean loss.
 
-    The order of examples depends only on (seed, epoch); with a `label`, a tqdm bar shows each epoch's loss."""
+    The order of examples depends only on (seed, epoch); with a `label`, a tqdm bar shows each epoch's loss;
+    `on_step(model, step, loss)` runs after every step's hooks (a trace; it must not change the model)."""
     import torch.nn.functional as F
     from tqdm import tqdm
 
@@ -247,6 +250,8 @@ def fit_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
             step += 1
             masks.step_hooks(model, step)
             loss_sum += float(loss.detach()) * len(idx)
+            if on_step is not None:
+                on_step(model, step, float(loss.detach()))
         if diverged:
             break
         masks.epoch_hooks(model, epoch + 1)

@@ -211,9 +211,9 @@ def _limit(x, y, n):
 
 
 def train_one(task: str, policy_name: str, density: float, seed: int, optimizer_name: str, lr: float, splits, args,
-              l2: float | None = None) -> dict:
+              l2: float | None = None, on_step=None) -> dict:
     """One mask-training run (gem_miner with L2 weight `l2`) with optimizer `optimizer_name` at `lr`; returns val
-    and test accuracy, kept fraction and seconds."""
+    and test accuracy, kept fraction and seconds (`on_step`: fit_policy's per-step trace)."""
     arch, _ = TASKS[task]
     seed_everything(seed)
     model = models.create(arch, num_classes=splits.num_classes, in_shape=splits.in_shape, bias=False)
@@ -236,7 +236,8 @@ def train_one(task: str, policy_name: str, density: float, seed: int, optimizer_
     optimizer = make_optimizer(optimizer_name, [layer.scores for layer in layers], lr)
     x, y = _limit(splits.train_x, splits.train_y, args.train_limit)
     t0 = time.perf_counter()
-    run = fit_policy(model, optimizer, x, y, epochs=args.epochs, batch_size=args.batch_size, seed=seed)
+    run = fit_policy(model, optimizer, x, y, epochs=args.epochs, batch_size=args.batch_size, seed=seed,
+                     on_step=on_step)
     diverged, step = run["diverged"], run["steps"]
     seconds = time.perf_counter() - t0
 
