@@ -11,7 +11,8 @@ to tell a bad draw at evaluation from a bad set of scores.
         --run conv4-fashion-1epoch-10pct -- --epochs 1
 
 Flags after `--` go to policy_sweep.py's parser (--epochs, --train-limit, --weight-init, ...). Writes
-results/supermask_trace/<run>/results.json and trace.png (loss and undecided fraction per layer against the step).
+results/supermask_trace/<run>/results.json and trace.png (loss, and the undecided fraction of the first and the
+last masked layer, against the step).
 """
 from __future__ import annotations
 
@@ -98,7 +99,8 @@ def trace_run(task: str, density: float, seed: int, optimizer: str, lr: float, s
 
 
 def plot(points: list[dict], path: Path) -> None:
-    """Loss and the mean undecided fraction against the step, one line per run."""
+    """Loss, and the undecided fraction of the first and the last masked layer (the smallest ones, which decide
+    first; the big middle layers stay undecided), against the step, one colour per run."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -107,14 +109,15 @@ def plot(points: list[dict], path: Path) -> None:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return
     fig, (ax_loss, ax_open) = plt.subplots(1, 2, figsize=(11, 4))
-    for point in points:
+    for i, point in enumerate(points):
         label = f"seed {point['seed']} {point['optimizer']} {point['lr']:g} (val {100 * point['val_acc']:.1f}%)"
         steps = [t["step"] for t in point["trace"]]
-        ax_loss.plot(steps, [t["loss"] for t in point["trace"]], label=label)
-        ax_open.plot(steps, [sum(l["undecided"] * l["weights"] for l in t["layers"])
-                             / sum(l["weights"] for l in t["layers"]) for t in point["trace"]], label=label)
+        ax_loss.plot(steps, [t["loss"] for t in point["trace"]], color=f"C{i}", label=label)
+        for which, style in ((0, "-"), (-1, "--")):
+            ax_open.plot(steps, [t["layers"][which]["undecided"] for t in point["trace"]], style, color=f"C{i}")
     ax_loss.set(xlabel="step", ylabel="training loss (mean over the interval)")
-    ax_open.set(xlabel="step", ylabel="undecided scores, σ(S) in [0.02, 0.98]", ylim=(0, 1))
+    ax_open.set(xlabel="step", ylabel="undecided scores, σ(S) in [0.02, 0.98]", ylim=(0, 1),
+                title="solid: first masked layer, dashed: last")
     ax_loss.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
