@@ -249,9 +249,10 @@ def fit_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
             scheduler.step()
             step += 1
             masks.step_hooks(model, step)
-            loss_sum += float(loss.detach()) * len(idx)
+            loss_value = float(loss.detach())
+            loss_sum += loss_value * len(idx)
             if on_step is not None:
-                on_step(model, step, float(loss.detach()))
+                on_step(model, step, loss_value)
         if diverged:
             break
         masks.epoch_hooks(model, epoch + 1)

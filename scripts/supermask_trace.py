@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import policy_sweep  # noqa: E402
-from _common import Results, accuracy, option_list, run_dir, setup_threads  # noqa: E402
+from _common import Results, accuracy, check_minimum, option_list, run_dir, setup_threads  # noqa: E402
 
 from maskprune import data, masks  # noqa: E402
 from maskprune.nn import masked_layers  # noqa: E402
@@ -51,8 +51,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
     args = p.parse_args(own_argv)
     if not 0 < args.density < 1:
         p.error(f"--density: must be in (0, 1), got {args.density}")
-    if args.every < 1:
-        p.error(f"--every: must be >= 1, got {args.every}")
+    check_minimum(p, args, {"every": 1})
     args.seeds = option_list(p, "--seeds", args.seeds, int, low=0)
     optimizer, sep, lrs = args.lrs.partition("=")
     if not sep or optimizer not in ("sgd", "adam"):
@@ -91,9 +90,9 @@ def trace_run(task: str, density: float, seed: int, optimizer: str, lr: float, s
     model = last["model"]
     (policy, _), = masks.policy_groups(model)
     val_x, val_y = policy_sweep._limit(splits.val_x, splits.val_y, sweep.val_limit)
-    policy.eval_mask = "expected"
+    sweep_eval_mask, policy.eval_mask = policy.eval_mask, "expected"
     val_expected = accuracy(model, val_x, val_y)
-    policy.eval_mask = "sample"
+    policy.eval_mask = sweep_eval_mask
     return {"task": task, "density": density, "seed": seed, "optimizer": optimizer, "lr": lr, **result,
             "val_acc_expected_mask": val_expected, "final_layers": layer_state(model), "trace": trace}
 
