@@ -49,6 +49,19 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def pyplot(script: str):
+    """matplotlib.pyplot on the file-only Agg backend, or None (after saying so on stderr) where matplotlib is not
+    installed: a script's results JSON never depends on its plot."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"{script}: matplotlib is not installed; no PNG written (pip install matplotlib)", file=sys.stderr)
+        return None
+    return plt
+
+
 def environment(device: torch.device | str = "cpu") -> dict:
     """Where and with what the numbers were made."""
     device = torch.device(device)

@@ -404,9 +404,9 @@ def fit_exponent(points: list[dict], key: str) -> float | None:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot("approximate_target")
+    if plt is None:
+        return
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     tnames = list(results["targets"])

@@ -38,6 +38,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # (M, N, K) = (batch, out_features, in_features). The square GEMMs of the issue, then every layer of
 # bench_cpu's 784-2048-2048-10 MLP at batch 256 and 4096.
@@ -282,13 +285,8 @@ def print_tables(rows: list[dict]) -> None:
 
 def plot(rows: list[dict], path: Path, title: str) -> bool:
     """Two panels: masked linear time relative to dense per shape and pass; threshold time per size."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNG written (pip install matplotlib)", file=sys.stderr)
+    plt = _common.pyplot("bench_kernels")
+    if plt is None:
         return False
     fig, (ax_lin, ax_thr) = plt.subplots(1, 2, figsize=(15, 5.5))
     linear = [r for r in rows if r["bench"] == "masked_linear" and r["impl"] != "dense"]

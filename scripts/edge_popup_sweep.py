@@ -221,9 +221,9 @@ def summarize(points: list[dict]) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot("edge_popup_sweep")
+    if plt is None:
+        return
 
     nets = [n for n in NETS if any(r["net"] == n for r in rows)]
     if not nets:

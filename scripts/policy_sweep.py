@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (Results, accuracy, fit_policy, grid_search, make_optimizer, mean_std, option_list,  # noqa: E402
-                     run_dir, seed_everything, setup_threads)
+                     pyplot, run_dir, seed_everything, setup_threads)
 
 import maskprune  # noqa: E402
 from maskprune import data, masks, models  # noqa: E402
@@ -267,12 +267,8 @@ def _train_dense(model: torch.nn.Module, seed: int, optimizer_name: str, lr: flo
 
 
 def plot(record: dict, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("policy_sweep: matplotlib is not installed; no PNG written", file=sys.stderr)
+    plt = pyplot("policy_sweep")
+    if plt is None:
         return
     tasks = record["config"]["tasks"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)

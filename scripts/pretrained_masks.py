@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (Results, accuracy, fit_policy, grid_search, make_optimizer, mean_std, option_list,  # noqa: E402
-                     run_dir, seed_everything, setup_threads)
+                     pyplot, run_dir, seed_everything, setup_threads)
 
 import maskprune  # noqa: E402
 from maskprune import data, models  # noqa: E402
@@ -313,12 +313,8 @@ def summarize(record: dict) -> list[dict]:
 
 
 def plot(record: dict, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("pretrained_masks: matplotlib is not installed; no PNG written", file=sys.stderr)
+    plt = pyplot("pretrained_masks")
+    if plt is None:
         return
     rows = record["summary"]
     names = ["\n".join([*r["arm"].split("_"), f"({r['optimizer']})"]) for r in rows]  # arm, one word a line

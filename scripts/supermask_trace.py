@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import policy_sweep  # noqa: E402
-from _common import Results, accuracy, check_minimum, option_list, run_dir, setup_threads  # noqa: E402
+from _common import Results, accuracy, check_minimum, option_list, pyplot, run_dir, setup_threads  # noqa: E402
 
 from maskprune import data, masks  # noqa: E402
 from maskprune.nn import masked_layers  # noqa: E402
@@ -100,12 +100,8 @@ def trace_run(task: str, density: float, seed: int, optimizer: str, lr: float, s
 def plot(points: list[dict], path: Path) -> None:
     """Loss, and the undecided fraction of the first and the last masked layer (the smallest ones, which decide
     first; the big middle layers stay undecided), against the step, one colour per run."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    plt = pyplot("supermask_trace")
+    if plt is None:
         return
     fig, (ax_loss, ax_open) = plt.subplots(1, 2, figsize=(11, 4))
     for i, point in enumerate(points):

@@ -318,9 +318,9 @@ def summarize(points: list[dict]) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot("width_sweep")
+    if plt is None:
+        return
 
     tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
     if not tasks:
@@ -550,9 +550,9 @@ def _convergence_at(conv: list[dict]) -> dict:
 
 
 def plot_theorem(record: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot("width_sweep")
+    if plt is None:
+        return
 
     rows = record.get("summary", [])
     conv = record.get("convergence", {})

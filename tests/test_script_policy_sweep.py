@@ -326,6 +326,19 @@ def test_grid_search_extends_at_an_edge_and_keeps_the_middle_when_all_diverge():
     assert (val, lr, tried) == (-1.0, 0.3, [0.1, 0.3, 1.0])
 
 
+def test_pyplot_gives_agg_or_says_why_there_is_no_png(monkeypatch, capsys):
+    """scripts/_common.pyplot, every script's plot import: Agg pyplot, or None and one stderr line naming the script
+    when matplotlib cannot be imported (the results JSON is written either way)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from _common import pyplot
+
+    plt = pyplot("policy_sweep")
+    assert plt is not None and plt.get_backend().lower() == "agg"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    assert pyplot("policy_sweep") is None
+    assert "policy_sweep: matplotlib is not installed; no PNG written" in capsys.readouterr().err
+
+
 def test_grid_without_an_optimizer_is_refused_where_a_policy_searches_two(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--optimizer", "layerwise=sgd,adam",
                            "--grid", "layerwise=0.1,0.3", "--out", str(tmp_path / "x")],
