@@ -43,7 +43,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
     p.add_argument("--density", type=float, default=0.1, help="the initial expected density, in (0, 1)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, each >= 0")
     p.add_argument("--lrs", default="sgd=100",
-                   help="OPTIMIZER=LR,...: the runs' optimizer (sgd or adam) and learning rates, each > 0")
+                   help="OPTIMIZER=LR,...: the runs' optimizer (sgd or adam) and learning rates, each in [1e-8, 1e4]")
     p.add_argument("--every", type=int, default=20, help="record every this many steps (>= 1)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--run", default=None, help="results/supermask_trace/<run>/ (default: a timestamp)")
@@ -57,9 +57,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
     if not sep or optimizer not in ("sgd", "adam"):
         p.error(f"--lrs: expected OPTIMIZER=LR,... with OPTIMIZER sgd or adam, got {args.lrs!r}")
     args.optimizer = optimizer
-    args.lrs = option_list(p, "--lrs", lrs, float, low=0.0)
-    if any(lr <= 0 for lr in args.lrs):
-        p.error(f"--lrs: every lr must be > 0, got {lrs}")
+    args.lrs = option_list(p, "--lrs", lrs, float, low=1e-8, high=1e4)  # policy_sweep's --grid bounds
     sweep = policy_sweep.parse_args(["--tasks", args.task, "--policies", "supermask", *sweep_argv])
     return args, sweep
 

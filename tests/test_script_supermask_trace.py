@@ -66,7 +66,8 @@ def test_a_traced_run_is_the_sweep_run(record):
     (["--density", "1"], "--density: must be in \\(0, 1\\), got 1.0"),
     (["--every", "0"], "--every: must be >= 1, got 0"),
     (["--lrs", "rmsprop=1"], "--lrs: expected OPTIMIZER=LR"),
-    (["--lrs", "sgd=0"], "--lrs: every lr must be > 0"),
+    (["--lrs", "sgd=0"], "--lrs: every value must be in \\[1e-08, 10000.0\\], got 0.0"),
+    (["--lrs", "adam=1e5"], "--lrs: every value must be in \\[1e-08, 10000.0\\], got 100000.0"),
     (["--seeds", "a"], "--seeds: a comma list of int values"),
     (["--", "--epochs", "0"], "--epochs: must be >= 1, got 0"),
 ])
