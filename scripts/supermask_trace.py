@@ -85,6 +85,10 @@ def trace_run(task: str, density: float, seed: int, optimizer: str, lr: float, s
                           "layers": layer_state(model)})
 
     result = policy_sweep.train_one(task, "supermask", density, seed, optimizer, lr, splits, sweep, on_step=on_step)
+    if result["diverged"]:  # as the sweep scores a diverged run: no accuracy (and no model if no step was taken)
+        return {"task": task, "density": density, "seed": seed, "optimizer": optimizer, "lr": lr, **result,
+                "val_acc_expected_mask": float("nan"),
+                "final_layers": layer_state(last["model"]) if last else [], "trace": trace}
     model = last["model"]
     (policy, _), = masks.policy_groups(model)
     val_x, val_y = policy_sweep._limit(splits.val_x, splits.val_y, sweep.val_limit)

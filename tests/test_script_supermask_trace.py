@@ -62,6 +62,17 @@ def test_a_traced_run_is_the_sweep_run(record):
         record["points"][1]["final_layers"] != traced["final_layers"]  # another seed, another run
 
 
+def test_a_run_diverging_before_its_first_step_is_recorded_not_a_crash(monkeypatch):
+    """fit_policy stops at a non-finite loss before stepping; the trace then has no model to read and says so."""
+    policy_sweep, supermask_trace = _import_scripts()
+    diverged = {"val_acc": float("nan"), "test_acc": float("nan"), "kept_fraction": 0.1, "steps": 0,
+                "train_seconds": 0.0, "diverged": True}
+    monkeypatch.setattr(policy_sweep, "train_one", lambda *args, **kwargs: dict(diverged))
+    point = supermask_trace.trace_run("lenet300-mnist", 0.1, 0, "sgd", 100.0, None, None, every=4)
+    assert point["diverged"] and point["steps"] == 0 and point["trace"] == [] and point["final_layers"] == []
+    assert point["val_acc_expected_mask"] != point["val_acc_expected_mask"]  # nan, as the sweep's val_acc
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--density", "1"], "--density: must be in \\(0, 1\\), got 1.0"),
     (["--every", "0"], "--every: must be >= 1, got 0"),
