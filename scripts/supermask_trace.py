@@ -85,9 +85,9 @@ def trace_run(task: str, density: float, seed: int, optimizer: str, lr: float, s
                           "layers": layer_state(model)})
 
     result = policy_sweep.train_one(task, "supermask", density, seed, optimizer, lr, splits, sweep, on_step=on_step)
+    point = {"task": task, "density": density, "seed": seed, "optimizer": optimizer, "lr": lr, **result}
     if result["diverged"]:  # as the sweep scores a diverged run: no accuracy (and no model if no step was taken)
-        return {"task": task, "density": density, "seed": seed, "optimizer": optimizer, "lr": lr, **result,
-                "val_acc_expected_mask": float("nan"),
+        return {**point, "val_acc_expected_mask": float("nan"),
                 "final_layers": layer_state(last["model"]) if last else [], "trace": trace}
     model = last["model"]
     (policy, _), = masks.policy_groups(model)
@@ -95,8 +95,7 @@ def trace_run(task: str, density: float, seed: int, optimizer: str, lr: float, s
     sweep_eval_mask, policy.eval_mask = policy.eval_mask, "expected"
     val_expected = accuracy(model, val_x, val_y)
     policy.eval_mask = sweep_eval_mask
-    return {"task": task, "density": density, "seed": seed, "optimizer": optimizer, "lr": lr, **result,
-            "val_acc_expected_mask": val_expected, "final_layers": layer_state(model), "trace": trace}
+    return {**point, "val_acc_expected_mask": val_expected, "final_layers": layer_state(model), "trace": trace}
 
 
 def plot(points: list[dict], path: Path) -> None:
