@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "supermask_trace.py"
@@ -51,9 +52,10 @@ def test_trace_is_recorded_every_n_steps_for_every_layer(record):
 
 def test_a_traced_run_is_the_sweep_run(record):
     """The trace only reads the model: the sweep's own train_one at the same flags gives the same accuracies."""
-    policy_sweep, _ = _import_scripts()
+    policy_sweep, supermask_trace = _import_scripts()
     from maskprune import data
     sweep = policy_sweep.parse_args(["--tasks", "lenet300-mnist", "--policies", "supermask", *SWEEP_FLAGS])
+    torch.set_num_threads(supermask_trace.parse_args([])[0].threads)  # the traced runs' count: sums depend on it
     splits = data.load("mnist").normalize()
     plain = policy_sweep.train_one("lenet300-mnist", "supermask", 0.1, 0, "sgd", 100.0, splits, sweep)
     traced = record["points"][0]
